@@ -1,0 +1,94 @@
+"""Command line: `treepo sample` (completions from the bundled or a given model), `treepo info`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _engine(args):
+    from . import Engine
+    from .assets import bundled_model_path
+
+    path = args.model or bundled_model_path()
+    return Engine.from_pretrained(path, dtype=args.dtype, attention_backend=args.backend)
+
+
+def chat_prompt_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
+    """Token ids of `text` as one user turn with the model's chat template (if it has one)."""
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer; pass token ids instead of text")
+    if getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def cmd_sample(args):
+    from . import SamplingParams
+
+    t0 = time.perf_counter()
+    eng = _engine(args)
+    load_s = time.perf_counter() - t0
+    ids = chat_prompt_ids(eng.tokenizer, args.prompt) if not args.raw else eng.tokenizer.encode(args.prompt)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed)
+    t0 = time.perf_counter()
+    outs = eng.generate([ids], params)[0]
+    gen_s = time.perf_counter() - t0
+    for i, c in enumerate(outs):
+        mean_lp = sum(c.logprobs) / len(c.logprobs)
+        print(f"--- completion {i} ({len(c.token_ids)} tokens, finish={c.finish_reason}, mean logprob {mean_lp:.3f})")
+        print(c.text)
+    st = eng.stats
+    print(f"--- loaded in {load_s:.2f}s; generated {sum(len(c.token_ids) for c in outs)} tokens in {gen_s:.2f}s; "
+          f"prefill {st.prefill_tokens} tokens, {st.forward_passes} forward passes, peak KV pages "
+          f"{st.peak_kv_pages}/{st.kv_pages_total}", file=sys.stderr)
+
+
+def cmd_info(args):
+    import torch
+
+    from .attention import available_backends
+
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "attention_backends": available_backends("cuda" if torch.cuda.is_available() else "cpu")}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    print(json.dumps(info, indent=1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="treepo", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("sample", help="sample completions for a prompt")
+    sp.add_argument("--prompt", default="What is 7 + 5? Put the answer in \\boxed{}.")
+    sp.add_argument("--model", default=None, help="HF checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
+    sp.add_argument("-n", type=int, default=4)
+    sp.add_argument("--max-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=-1)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's)")
+    sp.add_argument("--backend", default="auto", help="attention backend: auto | torch | triton | cpu")
+    sp.add_argument("--raw", action="store_true", help="no chat template")
+    sp.set_defaults(func=cmd_sample)
+    ip = sub.add_parser("info", help="versions and available attention backends")
+    ip.set_defaults(func=cmd_info)
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"treepo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Small self-checking configuration dataclasses: the model shape read from a Hugging Face
+config.json, the sampling parameters of a request, and the engine's resource settings."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Shape of a decoder-only model, read from a Hugging Face config.json (transformers 4 or 5 keys)."""
+
+    family: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None (default rope) or {"rope_type": "llama3", ...}
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2: q/k/v have bias; llama attention_bias: q/k/v/o have bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None  # attention window; the engine caps max_model_len to it
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("default", "llama3"):
+            raise ValueError(f"rope scaling {self.rope_scaling.get('rope_type')!r} is not supported; "
+                             "supported: default, llama3")
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence the engine runs exactly (a sliding window caps it: no token is ever masked)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        model_type = cfg.get("model_type")
+        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if family is None and model_type in SUPPORTED_ARCHITECTURES.values():
+            family = model_type
+        if family is None:
+            raise ValueError(f"unsupported architecture {archs or model_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or None
+        if rope and rope.get("rope_type", "default") != "default":
+            scaling = dict(rope)
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.get("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        window = None
+        if family == "mistral" or (family in ("qwen2", "qwen3") and cfg.get("use_sliding_window")):
+            window = cfg.get("sliding_window") or None
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            family=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or attention_bias,
+            o_bias=family != "qwen2" and attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=window,
+            eos_token_ids=eos,
+            bos_token_id=cfg.get("bos_token_id"),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        )
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to sample one request: n completions per prompt of at most max_tokens new tokens."""
+
+    n: int = 1  # completions per prompt; the prompt is prefilled once and forked n ways
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = -1  # keep the k most likely tokens; -1 (or 0) keeps all
+    max_tokens: int = 256  # new tokens per completion
+    seed: int | None = None  # None: nondeterministic; an int makes generate() reproducible
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids besides the model's EOS
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    return_model_logprobs: bool = False  # also return log-probs under the unmodified model distribution
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be >= 1")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k} must be -1 (off) or >= 1")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
