@@ -113,3 +113,34 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_matches_transformers():
+    """The bundled SmolLM2-135M-Instruct: our engine's greedy text equals transformers' (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from treepo.assets import bundled_model_path
+    from treepo.cli import chat_prompt_ids
+
+    path = bundled_model_path()
+    eng = Engine.from_pretrained(path, dtype="float32")
+    ids = chat_prompt_ids(eng.tokenizer, "What is 12 + 7? Answer briefly.")
+    out = eng.generate([ids], SamplingParams(temperature=0, max_tokens=40))[0][0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                       max_new_tokens=40, do_sample=False, eos_token_id=eng.tokenizer.eos_token_id)[0, len(ids):]
+    assert out.token_ids == want.tolist()
+    assert out.text == eng.tokenizer.decode(want, skip_special_tokens=True)
+    assert "19" in out.text
+
+
+def test_sliding_window_caps_max_model_len():
+    from treepo.config import ModelConfig
+
+    hf = tiny_hf_model("mistral_gqa4").config.to_dict()
+    hf["sliding_window"] = 64
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.sliding_window == 64 and cfg.max_model_len == 64  # never runs past the window: exact
+    hf["sliding_window"] = None
+    assert ModelConfig.from_hf(hf).max_model_len == hf["max_position_embeddings"]

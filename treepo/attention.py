@@ -53,37 +53,45 @@ class AttentionMetadata:
 
 
 class TorchBackend:
-    """Batched plain-PyTorch attention: decode rows in one SDPA, extend rows (prefill) in another.
+    """Batched plain-PyTorch attention over the paged pool.
 
-    GQA without copying K/V per query head: the g query heads of a KV head become g query rows of
-    that KV head. Each group gathers its sequences' pages into a dense padded tensor per layer."""
+    Decode rows (one new token each) gather their pages with one index_select per layer (whole
+    contiguous pages, the fast path) into [B, pages, H_kv, P, D] and attend page by page with
+    batched matmuls: scores [B, pages, H_kv, g, P], one softmax over all pages of a row, then the
+    per-page partial outputs summed in fp32. GQA packs the g query heads of a KV head as g rows, so
+    no K/V is repeated per query head. Scores are formed in the model dtype and softmaxed in fp32
+    (as transformers' eager attention). Extend rows (prefill, segments) go through SDPA with a
+    causal-with-offset mask."""
 
     name = "torch"
 
     def plan(self, meta: AttentionMetadata, kv: PagedKVCache, num_q_heads: int):
         P, dev = kv.page_size, meta.block_tables.device
         g = num_q_heads // kv.num_kv_heads
-        groups = []
-        for decode in (True, False):
-            rows = [b for b, n in enumerate(meta.q_lens) if (n == 1) == decode and n > 0]
-            if not rows:
-                continue
-            q_lens = torch.tensor([meta.q_lens[b] for b in rows], device=dev)
-            kv_lens = torch.tensor([meta.kv_lens[b] for b in rows], device=dev)
+        plan = {}
+        dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
+        if dec:
+            kv_lens = torch.tensor([meta.kv_lens[b] for b in dec], device=dev)
             n_pages = -(-int(kv_lens.max()) // P)
-            L = n_pages * P
-            tables = meta.block_tables[rows, :n_pages].long()
+            j = torch.arange(n_pages * P, device=dev)
+            bias = torch.zeros(len(dec), n_pages * P, device=dev).masked_fill(j[None] >= kv_lens[:, None], float("-inf"))
+            pages = meta.block_tables[dec, :n_pages].reshape(-1).long()
+            plan["decode"] = (pages, len(dec), n_pages, meta.cu_q[dec].to(dev), bias.view(len(dec), 1, 1, n_pages, P))
+        ext = [b for b, n in enumerate(meta.q_lens) if n > 1]
+        if ext:
+            q_lens = torch.tensor([meta.q_lens[b] for b in ext], device=dev)
+            kv_lens = torch.tensor([meta.kv_lens[b] for b in ext], device=dev)
+            n_pages = -(-int(kv_lens.max()) // P)
             max_q = int(q_lens.max())
             i = torch.arange(max_q, device=dev)
-            tok = meta.cu_q[rows].to(dev)[:, None] + i  # [Bg, max_q] flat token index
-            valid = i[None] < q_lens[:, None]
-            tok = torch.where(valid, tok, torch.zeros_like(tok))
-            qpos = kv_lens[:, None] - q_lens[:, None] + i[None]  # [Bg, max_q]
-            j = torch.arange(L, device=dev)
-            mask = (j[None, None] <= qpos[:, :, None]) | (~valid[:, :, None] & (j == 0))  # [Bg, max_q, L]
-            mask = mask[:, None, None].expand(-1, 1, g, -1, -1).reshape(len(rows), 1, g * max_q, L)
-            groups.append((tables, tok, valid, max_q, mask))
-        return groups
+            valid = i[None] < q_lens[:, None]  # [Be, max_q]
+            tok = torch.where(valid, meta.cu_q[ext].to(dev)[:, None] + i, torch.zeros_like(valid, dtype=torch.long))
+            qpos = kv_lens[:, None] - q_lens[:, None] + i[None]  # absolute position of each query
+            j = torch.arange(n_pages * P, device=dev)
+            mask = (j[None, None] <= qpos[:, :, None]) | (~valid[:, :, None] & (j == 0))  # [Be, max_q, L]
+            mask = mask[:, None, None].expand(-1, 1, g, -1, -1).reshape(len(ext), 1, g * max_q, n_pages * P)
+            plan["extend"] = (meta.block_tables[ext, :n_pages].long(), tok, valid, max_q, mask)
+        return plan
 
     def forward(self, layer: int, q, k, v, meta: AttentionMetadata, kv: PagedKVCache, plan):
         append_kv_ref(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
@@ -91,14 +99,27 @@ class TorchBackend:
         Hkv = kv.num_kv_heads
         g = Hq // Hkv
         out = torch.empty_like(q)
-        for tables, tok, valid, max_q, mask in plan:
-            Bg, n_pages = tables.shape
+        if "decode" in plan:
+            pages, B, M, tok, bias = plan["decode"]
+            P = kv.page_size
+            kk = torch.index_select(kv.k[layer], 0, pages).view(B, M, Hkv, P, D)
+            vv = torch.index_select(kv.v[layer], 0, pages).view(B, M, Hkv, P, D)
+            qq = q[tok].view(B, 1, Hkv, g, D).expand(B, M, Hkv, g, D)
+            s = torch.matmul(qq, kk.transpose(-1, -2))  # [B, M, Hkv, g, P]
+            s = s.permute(0, 2, 3, 1, 4).float() * D ** -0.5 + bias  # [B, Hkv, g, M, P]
+            p = s.reshape(B, Hkv, g, M * P).softmax(-1).to(q.dtype)
+            p = p.view(B, Hkv, g, M, P).permute(0, 3, 1, 2, 4)  # [B, M, Hkv, g, P]
+            o = torch.matmul(p, vv).sum(1, dtype=torch.float32)  # [B, Hkv, g, D]
+            out[tok] = o.view(B, Hq, D).to(q.dtype)
+        if "extend" in plan:
+            tables, tok, valid, max_q, mask = plan["extend"]
+            B, n_pages = tables.shape
             L = n_pages * kv.page_size
-            kk = kv.k[layer][tables].transpose(1, 2).reshape(Bg, Hkv, L, D)
-            vv = kv.v[layer][tables].transpose(1, 2).reshape(Bg, Hkv, L, D)
-            qq = q[tok].view(Bg, max_q, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(Bg, Hkv, g * max_q, D)
+            kk = kv.k[layer][tables].transpose(1, 2).reshape(B, Hkv, L, D)
+            vv = kv.v[layer][tables].transpose(1, 2).reshape(B, Hkv, L, D)
+            qq = q[tok].view(B, max_q, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * max_q, D)
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
-            o = o.view(Bg, Hkv, g, max_q, D).permute(0, 3, 1, 2, 4).reshape(Bg, max_q, Hq, D)
+            o = o.view(B, Hkv, g, max_q, D).permute(0, 3, 1, 2, 4).reshape(B, max_q, Hq, D)
             out[tok[valid]] = o[valid]
         return out
 

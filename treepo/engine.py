@@ -100,6 +100,8 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
     def check_prompt(self, ids, what: str = "prompt") -> list[int]:
+        if hasattr(ids, "keys") and "input_ids" in ids:  # a tokenizer's BatchEncoding
+            ids = ids["input_ids"]
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         ids = list(ids)

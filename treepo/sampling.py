@@ -12,8 +12,8 @@ import torch
 from .config import SamplingParams
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[B, V] fp32 logits -> the log-probs of the sampling distribution (-inf outside it)."""
+def truncate_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[B, V] fp32 logits -> logits of the sampling distribution (temperature; -inf outside top-k/p)."""
     if params.temperature != 1.0:
         logits = logits / params.temperature
     V = logits.shape[-1]
@@ -27,7 +27,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = probs.cumsum(-1) - probs >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return torch.log_softmax(logits, dim=-1)
+    return logits
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[B, V] fp32 logits -> the log-probs of the sampling distribution (-inf outside it)."""
+    return torch.log_softmax(truncate_logits(logits, params), dim=-1)
 
 
 def mix_seed(*parts: int) -> int:
@@ -43,8 +48,8 @@ def mix_seed(*parts: int) -> int:
 def sample(logits: torch.Tensor, params: SamplingParams, row_seeds: list[int] | None = None):
     """Sample one token per row of logits [B, V].
 
-    row_seeds: one seed per row (each row draws from its own stream, so a sequence's tokens do
-    not depend on what else is in the batch); None uses torch's global generator.
+    row_seeds: one seed per row (each row's draw depends on its seed alone, so a sequence's tokens
+    do not depend on what else is in the batch); None uses torch's global generator.
     Returns (tokens [B] int64, logprobs [B] fp32, model_logprobs [B] fp32 or None)."""
     logits = logits.float()
     model_lp = None
@@ -53,17 +58,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, row_seeds: list[int] | 
         tokens = lp.argmax(-1)
         chosen = lp.gather(-1, tokens[:, None])[:, 0]
         return tokens, chosen, (chosen if params.return_model_logprobs else None)
-    lp = process_logits(logits, params)
-    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
-    noise = torch.empty_like(lp)
+    z = truncate_logits(logits, params)
+    # inverse-CDF draw with one uniform per row (a hash of the row's seed, or torch's generator):
+    # one cumsum instead of V random numbers per row, and batch-independent with seeds
     if row_seeds is None:
-        noise.exponential_()
+        u = 1.0 - torch.rand(z.shape[0], 1, device=z.device, dtype=torch.float64)  # (0, 1]
     else:
-        gen = torch.Generator(device=lp.device)
-        for r, seed in enumerate(row_seeds):
-            noise[r].exponential_(generator=gen.manual_seed(seed))
-    tokens = (lp.exp() / noise).argmax(-1)
-    chosen = lp.gather(-1, tokens[:, None])[:, 0]
+        u = torch.tensor([[((mix_seed(s) >> 10) + 1) / 2.0**53] for s in row_seeds],
+                         dtype=torch.float64, device=z.device)
+    zmax = z.amax(-1, keepdim=True)
+    cdf = (z - zmax).exp_().cumsum_(-1)  # [B, V] fp32, unnormalised
+    lse = zmax + cdf[:, -1:].log()
+    u = (u * cdf[:, -1:].double()).float()
+    tokens = torch.searchsorted(cdf, u).clamp_(max=z.shape[-1] - 1)[:, 0]
+    chosen = (z.gather(-1, tokens[:, None]) - lse)[:, 0]
     if params.return_model_logprobs:
         model_lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
     return tokens, chosen, model_lp
