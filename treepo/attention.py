@@ -124,23 +124,49 @@ class TorchBackend:
         return out
 
 
-BACKENDS = {"torch": TorchBackend}
+def _backend_class(name: str):
+    """The class of a backend; each backend module lives in its own file and is imported lazily."""
+    if name == "torch":
+        return TorchBackend
+    if name == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend
+    if name == "cpu":
+        from .cpu_backend import CpuBackend
+
+        return CpuBackend
+    raise ValueError(f"attention_backend={name!r} is unknown; use 'auto', 'torch', 'triton' or 'cpu'")
+
+
+def backend_status(name: str, device) -> tuple[bool, str]:
+    """(available, reason) for a backend on a device; never raises."""
+    try:
+        cls = _backend_class(name)
+    except ImportError as e:
+        return False, f"not installed ({e})"
+    check = getattr(cls, "available", None)
+    return check(torch.device(device)) if check else (True, "")
 
 
 def available_backends(device) -> list[str]:
-    return [name for name in BACKENDS]
+    return [n for n in ("torch", "triton", "cpu") if backend_status(n, device)[0]]
 
 
 def make_backend(name: str, device):
+    """An attention backend instance. "auto": triton on CUDA, cpu (C++ extension) on CPU when
+    built, else the torch reference."""
     device = torch.device(device)
     if name == "auto":
-        name = "torch"
-    if name not in ("torch", "triton", "cpu"):
-        raise ValueError(f"attention_backend={name!r} is unknown; use 'auto', 'torch', 'triton' or 'cpu'")
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend={name!r} is not available on this machine "
+        preferred = "triton" if device.type == "cuda" else "cpu"
+        ok, _ = backend_status(preferred, device)
+        name = preferred if ok and getattr(_backend_class(preferred), "auto_ok", True) else "torch"
+    cls = _backend_class(name)
+    ok, why = backend_status(name, device)
+    if not ok:
+        raise ValueError(f"attention_backend={name!r} is not available on {device}: {why} "
                          f"(available: {available_backends(device)})")
-    return BACKENDS[name]()
+    return cls()
 
 
 class PagedAttention:

@@ -111,6 +111,8 @@ class PagedKVCache:
 
         Each child shares the full pages and gets its own copy of the partial tail page. All or
         nothing: raises KVCacheExhausted (changing nothing) if the tail copies do not fit."""
+        if n <= 0:
+            return []
         full, partial = divmod(num_tokens, self.page_size)
         if self.pages_for(num_tokens) > len(table):
             raise ValueError(f"fork of {num_tokens} tokens from a table of {len(table)} pages")
