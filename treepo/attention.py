@@ -30,6 +30,8 @@ class AttentionMetadata:
     slot_pages: torch.Tensor  # [T] int64: page of each new token
     slot_offsets: torch.Tensor  # [T] int64: offset in that page
     cu_q: torch.Tensor  # [B + 1] int64: sequence b owns flat tokens cu_q[b]:cu_q[b+1]
+    tables: list[list[int]]  # the same block tables as Python lists (host-side planners read these)
+    page_size: int
 
     @classmethod
     def build(cls, kv: PagedKVCache, tables: list[list[int]], q_lens: list[int], kv_lens: list[int],
@@ -49,7 +51,8 @@ class AttentionMetadata:
         cu[1:] = torch.tensor(q_lens).cumsum(0)
         return cls(list(q_lens), list(kv_lens), bt.to(device),
                    torch.tensor(pages, dtype=torch.int64, device=device),
-                   torch.tensor(offsets, dtype=torch.int64, device=device), cu.to(device))
+                   torch.tensor(offsets, dtype=torch.int64, device=device), cu.to(device),
+                   [list(t[: -(-L // P)]) for t, L in zip(tables, kv_lens)], P)
 
 
 class TorchBackend:
