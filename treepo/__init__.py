@@ -2,6 +2,9 @@
 from .config import SamplingParams
 from .engine import Completion, Engine
 from .kv_cache import KVCacheExhausted
+from .tree import Leaf, Node, Tree, TreeConfig, trees_to_batch
+from .tree_sampler import TreeSampler
 
-__all__ = ["Engine", "SamplingParams", "Completion", "KVCacheExhausted"]
+__all__ = ["Engine", "SamplingParams", "Completion", "KVCacheExhausted", "TreeConfig", "TreeSampler",
+           "Tree", "Leaf", "Node", "trees_to_batch"]
 __version__ = "0.1.0"

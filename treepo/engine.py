@@ -124,14 +124,26 @@ class Engine:
     def new_sequence(self, prompt_ids, tag=None) -> Sequence:
         return Sequence(self.check_prompt(prompt_ids), tag=tag)
 
-    def fork(self, seq: Sequence, n: int) -> list[Sequence]:
-        """n new sequences continuing `seq`: its cached KV is shared, pending tokens are copied."""
-        tables = self.kv.fork(seq.table, seq.num_cached, n)
+    def fork(self, seq: Sequence, n: int, num_tokens: int | None = None) -> list[Sequence]:
+        """n new sequences continuing `seq`: its cached KV is shared, pending tokens are copied.
+
+        With num_tokens, the children continue the first num_tokens tokens of `seq` instead (an
+        earlier point of its history: a TreePO fallback); that prefix must be cached (its KV is
+        append-only, so it is still intact) and its last token is re-run to give the children
+        their next-token logits."""
+        if num_tokens is None:
+            tokens, cached = seq.token_ids, seq.num_cached
+        else:
+            if not 1 <= num_tokens <= seq.num_cached + 1 or num_tokens > seq.num_tokens:
+                raise ValueError(f"fork at {num_tokens} tokens: {seq} has {seq.num_cached} cached")
+            tokens, cached = seq.token_ids[:num_tokens], num_tokens - 1
+        tables = self.kv.fork(seq.table, cached, n)
         children = []
         for t in tables:
-            c = Sequence(seq.token_ids, seq.num_prompt, tag=seq.tag)
-            c.num_cached, c.table = seq.num_cached, t
-            c.logprobs, c.model_logprobs = list(seq.logprobs), list(seq.model_logprobs)
+            c = Sequence(tokens, min(seq.num_prompt, len(tokens)), tag=seq.tag)
+            c.num_cached, c.table = cached, t
+            n_out = len(tokens) - c.num_prompt
+            c.logprobs, c.model_logprobs = seq.logprobs[:n_out], seq.model_logprobs[:n_out]
             children.append(c)
         return children
 
