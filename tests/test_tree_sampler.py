@@ -284,3 +284,17 @@ def test_bad_input(hf):
     with pytest.raises(ValueError, match="token 1 is 999"):
         TreeSampler(eng, TreeConfig.small()).sample([[1, 999]], SamplingParams())
     assert eng.kv.num_used == 0
+
+
+def test_outline_and_html_picture(hf, tmp_path):
+    from treepo.tree_viz import outline, trees_html
+
+    cfg = TreeConfig(segment_len=3, max_depth=3, max_width=4, branch_factor=2, rep_count=0)
+    trees = TreeSampler(engine(hf, eos=range(1, 30)), cfg).sample(PROMPTS[:2], SamplingParams(seed=0))
+    text = outline(trees[0])
+    assert len(text.splitlines()) == len(trees[0].nodes)  # header + one line per non-root node
+    for leaf in trees[0].leaves:
+        assert f"#{leaf.path[-1]} " in text and f"[{leaf.finish_reason}]" in text
+    page = trees_html(trees, rewards=[[1.0, -1.0, 1.0, -1.0]] * 2)
+    assert page.count("<svg") == 2 and page.count("<circle") == sum(len(t.nodes) for t in trees)
+    assert "reward -1" in page and page.rstrip().endswith("</html>")

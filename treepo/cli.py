@@ -35,6 +35,8 @@ def cmd_sample(args):
     ids = chat_prompt_ids(eng.tokenizer, args.prompt) if not args.raw else eng.tokenizer.encode(args.prompt)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
+    if args.tree:
+        return _sample_tree(eng, ids, params, args)
     t0 = time.perf_counter()
     outs = eng.generate([ids], params)[0]
     gen_s = time.perf_counter() - t0
@@ -46,6 +48,27 @@ def cmd_sample(args):
     print(f"--- loaded in {load_s:.2f}s; generated {sum(len(c.token_ids) for c in outs)} tokens in {gen_s:.2f}s; "
           f"prefill {st.prefill_tokens} tokens, {st.forward_passes} forward passes, peak KV pages "
           f"{st.peak_kv_pages}/{st.kv_pages_total}", file=sys.stderr)
+
+
+def _sample_tree(eng, ids, params, args):
+    from .tree import TreeConfig
+    from .tree_sampler import TreeSampler
+    from .tree_viz import outline, trees_html
+
+    cfg = TreeConfig(segment_len=args.segment_len, max_depth=args.depth, max_width=args.n,
+                     branch_factor=args.branch, seed=args.seed)
+    (tree,) = TreeSampler(eng, cfg).sample([ids], params)
+    dec = eng.tokenizer.decode
+    print(outline(tree, dec))
+    for i, leaf in enumerate(tree.leaves):
+        print(f"--- leaf {i} (depth {leaf.depth}, {len(leaf.token_ids)} tokens, {leaf.finish_reason}"
+              f"{', fallback' if leaf.from_fallback else ''})")
+        print(dec(leaf.token_ids, skip_special_tokens=True))
+    with open(args.html, "w") as f:
+        f.write(trees_html([tree], dec, prompts_text=[args.prompt]))
+    st = tree.stats
+    print(f"--- {len(tree.leaves)} leaves in {st.wall_time:.2f}s; {st.processed_tokens} tokens processed "
+          f"({st.prefill_tokens} prefill), peak KV pages {st.peak_kv_pages}; picture: {args.html}", file=sys.stderr)
 
 
 def cmd_info(args):
@@ -78,6 +101,11 @@ def main(argv=None):
     sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's)")
     sp.add_argument("--backend", default="auto", help="attention backend: auto | torch | triton | cpu")
     sp.add_argument("--raw", action="store_true", help="no chat template")
+    sp.add_argument("--tree", action="store_true", help="TreePO tree sampling: -n leaves; outline + HTML picture")
+    sp.add_argument("--segment-len", type=int, default=32)
+    sp.add_argument("--depth", type=int, default=4)
+    sp.add_argument("--branch", type=int, default=2)
+    sp.add_argument("--html", default="treepo_tree.html", help="where --tree writes its picture")
     sp.set_defaults(func=cmd_sample)
     ip = sub.add_parser("info", help="versions and available attention backends")
     ip.set_defaults(func=cmd_info)
