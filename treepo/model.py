@@ -168,8 +168,12 @@ class CausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, positions=None, attn=None, attention_mask=None):
-        """Final hidden states, same leading shape as input_ids ([B, T] dense or [T] flat)."""
+    def forward(self, input_ids, positions=None, attn=None, attention_mask=None, labels=None, label_start=None):
+        """Final hidden states, same leading shape as input_ids ([B, T] dense or [T] flat).
+
+        Scoring mode (training): with labels [B, R] and label_start s, returns (logp [B, R] fp32,
+        entropy [B, R] fp32, detached) of labels[:, j] predicted at position s - 1 + j - computed
+        inside forward so FSDP has the LM head's weights gathered."""
         if attn is None:
             if positions is None:
                 T = input_ids.shape[-1]
@@ -179,7 +183,17 @@ class CausalLM(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        if labels is None:
+            return x
+        R = labels.shape[1]
+        h = x[:, label_start - 1: label_start - 1 + R]  # [B, R, H]
+        logits = self.lm_head(h).float()  # [B, R, V]
+        lse = torch.logsumexp(logits, -1)
+        logp = logits.gather(-1, labels[..., None])[..., 0] - lse
+        with torch.no_grad():
+            entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        return logp, entropy
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

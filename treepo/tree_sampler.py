@@ -73,7 +73,9 @@ class TreeSampler:
         self.training_step = 0  # for the branching-temperature schedule
 
     # ------------------------------------------------------------------ public
-    def sample(self, prompt_token_ids, params: SamplingParams | None = None) -> list[Tree]:
+    def sample(self, prompt_token_ids, params: SamplingParams | None = None, keys: list[int] | None = None) -> list[Tree]:
+        """One tree per prompt. `keys` (default: the prompt's index) name each prompt's random
+        streams, so a prompt gets the same tree whatever batch or rank it is sampled in."""
         params = params or SamplingParams()
         cfg, eng = self.config, self.engine
         prompts = [eng.check_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_token_ids)]
@@ -85,7 +87,11 @@ class TreeSampler:
         t0 = time.perf_counter()
         counters0 = dict(eng.runner.counters)
         eng.kv.reset_peak()
-        states = [_TreeState(i, Tree(p, [Node(0, None, 0)], [], TreeStats()), random.Random(mix_seed(cfg.seed, i)))
+        keys = list(range(len(prompts))) if keys is None else list(keys)
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+        self._keys = keys
+        states = [_TreeState(i, Tree(p, [Node(0, None, 0)], [], TreeStats()), random.Random(mix_seed(cfg.seed, keys[i])))
                   for i, p in enumerate(prompts)]
         self._timing = {"decode": 0.0, "branch": 0.0}
         # admit prompts in waves that surely fit the page pool (no-sharing bound: nothing to preempt)
@@ -175,7 +181,7 @@ class TreeSampler:
         while True:
             seeds = None
             if params.seed is not None:
-                seeds = [mix_seed(params.seed, cfg.seed, p.prompt, p.uid, p.seq.num_tokens) for p in decoding]
+                seeds = [mix_seed(params.seed, cfg.seed, self._keys[p.prompt], p.uid, p.seq.num_tokens) for p in decoding]
             tokens, lps, mlps = sample(logits, params, seeds)
             tokens, lps = tokens.tolist(), lps.tolist()
             mlps = mlps.tolist() if mlps is not None else None
