@@ -106,9 +106,10 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     return meta
 
 
-def full_state_dict(model) -> dict:
-    """Full (unsharded) CPU state dict; collective under FSDP."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model, all_ranks: bool = False) -> dict:
+    """Full (unsharded) state dict; collective under FSDP. By default only rank 0 receives it
+    (on CPU); all_ranks=True gives every rank the whole thing (engine weight sync)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
 
 
 def export_hf(model, out_dir: str, hf_config: dict, tokenizer=None, dtype=torch.float32) -> str | None:

@@ -1,0 +1,51 @@
+"""Evaluation with sequential sampling: mean@n, maj@n and pass@k per dataset (TREEPO_SPEC.md 4)."""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+from .config import SamplingParams
+from .data import Problem, render_prompt
+from .rewards import extract_answer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(engine, problems: list[Problem], reward_fn, n: int = 4, temperature: float = 0.6,
+             max_tokens: int = 256, seed: int = 0, ks: tuple[int, ...] | None = None) -> dict:
+    """Sample n completions per problem and score them with reward_fn(text, problem) -> (reward, acc).
+
+    Returns {source: {"mean@n", "maj@n", "pass@k"..., "problems"}, "overall": size-weighted}."""
+    tok = engine.tokenizer
+    prompts = [render_prompt(tok, p.question) for p in problems]
+    outs = engine.generate(prompts, SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    ks = ks or tuple(sorted({1, n}))
+    per = defaultdict(lambda: defaultdict(float))
+    counts = Counter()
+    for prob, comps in zip(problems, outs):
+        texts = [c.text for c in comps]
+        accs = [reward_fn(t, prob)[1] for t in texts]
+        c = int(sum(a > 0 for a in accs))
+        m = per[prob.source]
+        m["mean@n"] += sum(accs) / n
+        answers = [extract_answer(t) for t in texts]
+        voted = Counter(a for a in answers if a is not None).most_common(1)
+        if voted:  # majority answer, scored like any response that gives it
+            i = answers.index(voted[0][0])
+            m["maj@n"] += accs[i]
+        for k in ks:
+            m[f"pass@{k}"] += pass_at_k(n, c, k)
+        m["response_len"] += sum(len(cc.token_ids) for cc in comps) / n
+        counts[prob.source] += 1
+    result = {}
+    for src, m in per.items():
+        result[src] = {key: v / counts[src] for key, v in m.items()} | {"problems": counts[src]}
+    total = sum(counts.values())
+    keys = sorted({k for m in result.values() for k in m if k != "problems"})
+    result["overall"] = {k: sum(result[s][k] * counts[s] for s in counts) / total for k in keys} | {"problems": total}
+    return result
