@@ -44,7 +44,7 @@ class TrainConfig:
     output_dir: str = "runs/treepo"  # metrics.jsonl, checkpoints/, hf/ (export), curves.png
     resume: bool = False  # continue from output_dir/checkpoints/latest
     seed: int = 0
-    steps: int = 40  # optimizer "RL steps" (each: sample, score, update)
+    steps: int = 30  # optimizer "RL steps" (each: sample, score, update)
     preset: str = "default"  # "default" | "quick" (a few minutes on 2 CPU cores)
     # data
     train_task: str = "basic_arithmetic"  # reasoning-gym task (ignored with train_jsonl)
@@ -83,7 +83,7 @@ class TrainConfig:
     kl_coef: float = 0.0  # optional KL to the initial model (k1/k3); 0 = no reference model
     kl_type: str = "k3"
     # optimiser
-    lr: float = 2e-6
+    lr: float = 5e-6
     warmup_steps: int = 3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
