@@ -237,7 +237,11 @@ class _Verifier:
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None
             chunk = os.read(fd, 65536)
-            if not chunk:  # the worker died
+            if not chunk:  # the worker died: reap it so its exit code is known
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
                 return None
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
