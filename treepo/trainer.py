@@ -44,7 +44,7 @@ class TrainConfig:
     output_dir: str = "runs/treepo"  # metrics.jsonl, checkpoints/, hf/ (export), curves.png
     resume: bool = False  # continue from output_dir/checkpoints/latest
     seed: int = 0
-    steps: int = 30  # optimizer "RL steps" (each: sample, score, update)
+    steps: int = 15  # optimizer "RL steps" (each: sample, score, update)
     preset: str = "default"  # "default" | "quick" (a few minutes on 2 CPU cores)
     # data
     train_task: str = "basic_arithmetic"  # reasoning-gym task (ignored with train_jsonl)
@@ -90,7 +90,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     train_dtype: str = "float32"  # parameters; bf16 mixed precision is used on CUDA
     # evaluation, logging, checkpoints
-    eval_every: int = 10  # steps between held-out evaluations (0 = only before and after)
+    eval_every: int = 5  # steps between held-out evaluations (0 = only before and after)
     eval_n: int = 4  # samples per problem
     eval_temperature: float = 0.6
     eval_max_tokens: int = 128
