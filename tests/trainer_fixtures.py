@@ -1,6 +1,5 @@
 """A tiny random Llama with the real SmolLM2 tokenizer, and a trivially learnable reward."""
 import json
-import os
 
 import torch
 

@@ -9,7 +9,6 @@ Backends: "torch" (batched plain PyTorch, this file), "triton" (treepo_kernels, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -18,7 +18,7 @@ import torch
 from .attention import make_backend
 from .config import SamplingParams
 from .kv_cache import KVCacheExhausted, PagedKVCache
-from .model import CausalLM, load_model, load_state, resolve_dtype
+from .model import CausalLM, load_model, load_state
 from .runner import Runner, Sequence
 from .sampling import mix_seed, sample
 
@@ -162,6 +162,25 @@ class Engine:
         self.stats.peak_kv_pages = max(self.stats.peak_kv_pages, self.kv.peak_used)
         return logits
 
+    def sample_into(self, seqs: list[Sequence], logits: torch.Tensor, params: SamplingParams,
+                    stream_keys: list[tuple] | None = None) -> list[int]:
+        """Sample one token per sequence from its logits row and append it (and its log-probs).
+
+        With params.seed, sequence i draws from the stream (seed, *stream_keys[i], position), so
+        its tokens do not depend on what else is in the batch."""
+        seeds = None
+        if params.seed is not None:
+            seeds = [mix_seed(params.seed, *key, s.num_tokens) for s, key in zip(seqs, stream_keys)]
+        tokens, lps, mlps = sample(logits, params, seeds)
+        tokens, lps = tokens.tolist(), lps.tolist()
+        mlps = mlps.tolist() if mlps is not None else None
+        for k, s in enumerate(seqs):
+            s.token_ids.append(tokens[k])
+            s.logprobs.append(lps[k])
+            if mlps is not None:
+                s.model_logprobs.append(mlps[k])
+        return tokens
+
     def free(self, seq: Sequence) -> None:
         self.kv.free(seq.table)
         seq.num_cached = 0
@@ -206,18 +225,9 @@ class Engine:
                         rows.append(r)
                         seqs.append(s)
                 logits = logits[torch.tensor(rows, device=logits.device)] if len(rows) != len(batch) else logits
-                seeds = None
-                if params.seed is not None:  # stream per (prompt, sample, position): batch-independent
-                    seeds = [mix_seed(params.seed, s.tag[0], s.tag[1], s.num_tokens) for s in seqs]
-                tokens, lps, mlps = sample(logits, params, seeds)
-                tokens, lps = tokens.tolist(), lps.tolist()
-                mlps = mlps.tolist() if mlps is not None else None
+                tokens = self.sample_into(seqs, logits, params, [s.tag for s in seqs])
                 running = []
                 for k, s in enumerate(seqs):
-                    s.token_ids.append(tokens[k])
-                    s.logprobs.append(lps[k])
-                    if mlps is not None:
-                        s.model_logprobs.append(mlps[k])
                     n_out = s.num_tokens - s.num_prompt
                     if tokens[k] in stop_ids:
                         s.finish_reason = "stop"

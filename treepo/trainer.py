@@ -15,7 +15,6 @@ import math
 import os
 import random
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -383,7 +382,7 @@ class Trainer:
                      labels=mb["responses"], label_start=Lp)
 
     def train_step(self) -> dict:
-        cfg, dev = self.cfg, self.device
+        cfg = self.cfg
         t_step = time.perf_counter()
         data = self.collect()
         timing = {"gen": data["gen_time"]}

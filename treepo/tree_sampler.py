@@ -17,7 +17,6 @@ Finished leaves keep their pages until their prompt's tree is complete (fallback
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from .config import SamplingParams
 from .engine import Engine
 from .kv_cache import KVCacheExhausted
 from .runner import Sequence
-from .sampling import mix_seed, sample
+from .sampling import mix_seed
 from .text_rules import boxed_spans, has_repetition
 from .tree import Leaf, Node, Tree, TreeConfig, TreeStats
 
@@ -179,17 +178,9 @@ class TreeSampler:
         logits = logits[torch.tensor(rows, device=logits.device)]
         decoding = paths
         while True:
-            seeds = None
-            if params.seed is not None:
-                seeds = [mix_seed(params.seed, cfg.seed, self._keys[p.prompt], p.uid, p.seq.num_tokens) for p in decoding]
-            tokens, lps, mlps = sample(logits, params, seeds)
-            tokens, lps = tokens.tolist(), lps.tolist()
-            mlps = mlps.tolist() if mlps is not None else None
+            keys = [(cfg.seed, self._keys[p.prompt], p.uid) for p in decoding]
+            tokens = eng.sample_into([p.seq for p in decoding], logits, params, keys)
             for k, p in enumerate(decoding):
-                p.seq.token_ids.append(tokens[k])
-                p.seq.logprobs.append(lps[k])
-                if mlps is not None:
-                    p.seq.model_logprobs.append(mlps[k])
                 if tokens[k] in self._stop_ids:
                     p.done = p.eos = True
                 elif p.seq.num_tokens - p.seg_start >= p.seg_limit:

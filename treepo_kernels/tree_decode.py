@@ -14,7 +14,7 @@ from .tree_plan import TreePlan
 def unit_partials_ref(q, k_cache, v_cache, plan: TreePlan, scale: float):
     """Kernel-1 reference: partial outputs [parts, H_q, D] fp32 and LSEs [parts, H_q] fp32."""
     Hq, D = q.shape[1], q.shape[2]
-    Hkv, P = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[1]
     g = Hq // Hkv
     part_o = torch.zeros(plan.num_parts, Hq, D, dtype=torch.float32, device=q.device)
     part_lse = torch.full((plan.num_parts, Hq), float("-inf"), dtype=torch.float32, device=q.device)
