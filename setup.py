@@ -1,6 +1,38 @@
-"""Package set-up. The C++ CPU kernels in csrc/ (when present) are built as a torch extension
-where a compiler is available; if that build fails the install still succeeds and the engine
-falls back to the plain-PyTorch attention."""
+"""Package set-up. The C++ CPU kernels in csrc/ are built as a torch extension
+(`treepo_kernels._C`, ops under torch.ops.treepo) where torch and a C++ compiler are available.
+If that build is impossible the install still succeeds and the engine falls back to the
+plain-PyTorch attention (`treepo info` says which backends are available).
+
+TREEPO_NO_EXT=1 skips the extension; TREEPO_NATIVE=0 builds without -march=native (for a
+binary that must run on other CPUs)."""
+import os
+import sys
+
 from setuptools import setup
 
-setup()
+ext_modules, cmdclass = [], {}
+if os.environ.get("TREEPO_NO_EXT") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as e:  # torch not importable at build time: no extension
+        print(f"treepo: not building the C++ CPU kernels ({e})", file=sys.stderr)
+    else:
+        flags = ["-O3", "-std=c++20", "-fopenmp-simd", "-fno-math-errno"]
+        if os.environ.get("TREEPO_NATIVE", "1") == "1":
+            flags.append("-march=native")
+
+        class OptionalBuild(BuildExtension):
+            """A failed compile is a notice, not a failed install."""
+
+            def build_extensions(self):
+                try:
+                    super().build_extensions()
+                except Exception as e:
+                    print(f"treepo: the C++ CPU kernels did not build ({e}); the engine will use the "
+                          "plain-PyTorch attention", file=sys.stderr)
+
+        ext_modules = [CppExtension("treepo_kernels._C", ["csrc/tree_attention.cpp", "csrc/module.cpp"],
+                                    extra_compile_args=flags)]
+        cmdclass = {"build_ext": OptionalBuild.with_options(use_ninja=False)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

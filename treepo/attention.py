@@ -9,6 +9,7 @@ Backends: "torch" (batched plain PyTorch, this file), "triton" (treepo_kernels, 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -155,14 +156,25 @@ def available_backends(device) -> list[str]:
     return [n for n in ("torch", "triton", "cpu") if backend_status(n, device)[0]]
 
 
+_noticed: set[str] = set()
+
+
+def _notice_once(msg: str):
+    if msg not in _noticed:
+        _noticed.add(msg)
+        print(msg, file=sys.stderr)
+
+
 def make_backend(name: str, device):
     """An attention backend instance. "auto": triton on CUDA, cpu (C++ extension) on CPU when
     built, else the torch reference."""
     device = torch.device(device)
     if name == "auto":
         preferred = "triton" if device.type == "cuda" else "cpu"
-        ok, _ = backend_status(preferred, device)
+        ok, why = backend_status(preferred, device)
         name = preferred if ok and getattr(_backend_class(preferred), "auto_ok", True) else "torch"
+        if not ok:
+            _notice_once(f"treepo: attention backend {preferred!r} unavailable ({why}); using 'torch'")
     cls = _backend_class(name)
     ok, why = backend_status(name, device)
     if not ok:

@@ -1,0 +1,201 @@
+"""The C++ CPU kernels (csrc/, torch.ops.treepo) against the plain-PyTorch references, and the
+engine with attention_backend="cpu" against the torch backend."""
+import random
+
+import pytest
+import torch
+
+from helpers import assert_close, tiny_hf_model
+from test_tree_plan import SHAPES, grow_tree
+from treepo import Engine, SamplingParams, TreeConfig, TreeSampler
+from treepo.kv_cache import PagedKVCache
+from treepo_kernels import append_kv_ref, paged_attention_ref
+from treepo_kernels import cpu as kernels
+from treepo_kernels.tree_decode import tree_decode_ref
+from treepo_kernels.tree_plan import plan_tree
+
+ok, why = kernels.status()
+pytestmark = pytest.mark.skipif(not ok, reason=why)
+
+# kernels compute in fp32 from the stored values; the only extra error is the output's rounding
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=8e-3),
+       torch.float16: dict(atol=1e-3, rtol=1e-3)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+EXTRA_SHAPES = [  # (Hq, Hkv, D, page_size, prompt_len, depth, branch, seg_len)
+    (3, 3, 32, 16, 16, 2, 4, 16),  # g=1, forks exactly at page ends, full last pages
+    (24, 3, 128, 16, 200, 1, 40, 3),  # 40 leaves under one node (more than a task's leaf tile)
+    (8, 1, 64, 8, 9, 6, 2, 1),  # deep chain of 1-token segments
+    (12, 4, 32, 4, 3, 3, 3, 0),  # zero-length segments only: forks share everything
+]
+
+
+def tree_case(shape, seed, dtype):
+    Hq, Hkv, D, P, prompt, depth, branch, seg = shape
+    kv = PagedKVCache(1, Hkv, D, num_pages=4096, page_size=P)
+    kv._free = torch.randperm(4096, generator=torch.Generator().manual_seed(seed)).tolist()  # shuffled ids
+    tables, lens = grow_tree(kv, seed, prompt, depth, branch, seg)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(kv.k[0].shape, generator=g).to(dtype)
+    v = torch.randn(kv.v[0].shape, generator=g).to(dtype)
+    q = torch.randn(len(lens), Hq, D, generator=g).to(dtype)
+    return q, k, v, tables, lens, P
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("min_fanout", [2, 3, 10**9])
+@pytest.mark.parametrize("case", range(len(SHAPES + EXTRA_SHAPES)))
+def test_tree_decode_matches_reference(case, min_fanout, dtype):
+    shape = (SHAPES + EXTRA_SHAPES)[case]
+    q, k, v, tables, lens, P = tree_case(shape, case, dtype)
+    for max_unit_pages in (None, 2):
+        plan = plan_tree(tables, lens, P, min_fanout=min_fanout, max_unit_pages=max_unit_pages)
+        out, lse = kernels.tree_decode(q, k, v, plan)
+        ref, ref_lse = tree_decode_ref(q.float(), k.float(), v.float(), plan)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        assert_close(out, ref, **TOL[dtype], what=f"tree decode out {shape}")
+        assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6, what="tree decode lse")
+
+
+def test_zero_length_unit_contributes_nothing():
+    """A unit of 0 tokens (a hand-made plan: the planner never emits one) gives LSE -inf and does
+    not change the merged result."""
+    q, k, v, tables, lens, P = tree_case(SHAPES[1], 0, torch.float32)
+    plan = plan_tree(tables, lens, P)
+    ref, ref_lse = kernels.tree_decode(q, k, v, plan)
+    # prepend an empty unit (no pages) for leaf 0 and make it leaf 0's first partial
+    empty = plan_tree(tables, lens, P)
+    n0 = int(plan.unit_leaf_ptr[-1])
+    empty.unit_page_ptr = torch.cat([plan.unit_page_ptr[:1], plan.unit_page_ptr])
+    empty.unit_len = torch.cat([torch.zeros(1, dtype=torch.int32), plan.unit_len])
+    empty.unit_start = torch.cat([torch.zeros(1, dtype=torch.int32), plan.unit_start])
+    empty.unit_leaf_ptr = torch.cat([torch.zeros(1, dtype=torch.int32), plan.unit_leaf_ptr + 1])
+    empty.unit_leaves = torch.cat([torch.zeros(1, dtype=torch.int32), plan.unit_leaves])
+    parts = [[0] + [int(x) + 1 for x in plan.leaf_parts[plan.leaf_part_ptr[0]:plan.leaf_part_ptr[1]]]]
+    for b in range(1, plan.num_leaves):
+        parts.append([int(x) + 1 for x in plan.leaf_parts[plan.leaf_part_ptr[b]:plan.leaf_part_ptr[b + 1]]])
+    empty.leaf_parts = torch.tensor([x for p in parts for x in p], dtype=torch.int32)
+    empty.leaf_part_ptr = torch.tensor([0] + [len(p) for p in parts], dtype=torch.int32).cumsum(0).int()
+    assert int(empty.unit_leaf_ptr[-1]) == n0 + 1
+    out, lse = kernels.tree_decode(q, k, v, empty)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+def extend_case(seed, Hq, Hkv, D, P, dtype):
+    """Ragged extend: sequences with random cached lengths and 1..40 new tokens, shuffled pages."""
+    r = random.Random(seed)
+    B = r.randint(1, 5)
+    cached = [r.choice([0, 1, P - 1, P, r.randint(0, 50)]) for _ in range(B)]
+    new = [r.choice([1, 2, 15, 16, 17, r.randint(1, 40)]) for _ in range(B)]
+    kv_lens = [c + n for c, n in zip(cached, new)]
+    max_pages = max(-(-L // P) for L in kv_lens)
+    perm = torch.randperm(B * max_pages + 3, generator=torch.Generator().manual_seed(seed))
+    tables = perm[: B * max_pages].view(B, max_pages).int()
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B * max_pages + 3, Hkv, P, D, generator=g).to(dtype)
+    v = torch.randn(B * max_pages + 3, Hkv, P, D, generator=g).to(dtype)
+    q = torch.randn(sum(new), Hq, D, generator=g).to(dtype)
+    cu = torch.tensor([0] + new).cumsum(0)
+    return q, k, v, tables, cu, torch.tensor(kv_lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4, 32, 4), (9, 3, 64, 16), (8, 2, 128, 8), (8, 1, 64, 16), (16, 2, 32, 4)])
+@pytest.mark.parametrize("seed", range(3))
+def test_paged_extend_matches_reference(heads, seed, dtype):
+    q, k, v, tables, cu, kv_lens = extend_case(seed, *heads, dtype)
+    out, lse = kernels.paged_extend(q, k, v, tables, cu, kv_lens)
+    ref, ref_lse = paged_attention_ref(q.float(), k.float(), v.float(), tables, cu, kv_lens)
+    assert_close(out, ref, **TOL[dtype], what="extend out")
+    assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6, what="extend lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_append_kv_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(20, 3, 8, 32, generator=g).to(dtype)
+    v_cache = torch.randn(20, 3, 8, 32, generator=g).to(dtype)
+    T = 37
+    slots = torch.randperm(20 * 8, generator=g)[:T]
+    pages, offsets = slots // 8, slots % 8
+    k = torch.randn(T, 3, 32, generator=g).to(dtype)
+    v = torch.randn(T, 3, 32, generator=g).to(dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    append_kv_ref(ref_k, ref_v, k, v, pages, offsets)
+    kernels.append_kv(k_cache, v_cache, k, v, pages, offsets)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing():
+    k_cache = torch.zeros(4, 2, 4, 8)
+    v_cache = torch.zeros(4, 2, 4, 8)
+    k = torch.ones(2, 2, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.append_kv(k_cache, v_cache, k, k, torch.tensor([0, 4]), torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.append_kv(k_cache, v_cache, k, k, torch.tensor([0, 1]), torch.tensor([0, 4]))
+    assert not k_cache.any() and not v_cache.any()  # checked before anything is written
+    plan = plan_tree([[0, 1], [0, 9]], [6, 7], 4)
+    with pytest.raises(RuntimeError, match="page id 9"):
+        kernels.tree_decode(torch.ones(2, 4, 8), k_cache, v_cache, plan)
+    with pytest.raises(RuntimeError, match="multiple"):
+        kernels.tree_decode(torch.ones(2, 3, 8), k_cache, v_cache, plan_tree([[0, 1], [0, 2]], [6, 7], 4))
+    with pytest.raises(RuntimeError, match="pages in its table"):
+        kernels.paged_extend(torch.ones(3, 4, 8), k_cache, v_cache, torch.tensor([[0]]), torch.tensor([0, 3]),
+                             torch.tensor([9]))
+
+
+def test_bit_identical_across_runs_and_thread_counts():
+    q, k, v, tables, lens, P = tree_case(EXTRA_SHAPES[1], 1, torch.bfloat16)
+    plan = plan_tree(tables, lens, P)
+    qe, ke, ve, te, cu, kl = extend_case(2, 9, 3, 64, 16, torch.bfloat16)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(kernels.tree_decode(q, k, v, plan) + kernels.paged_extend(qe, ke, ve, te, cu, kl))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+# ------------------------------------------------------------------------------ engine level
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf_model("llama3_rope_gqa3", vocab=160, layers=2)
+
+
+def test_engine_greedy_parity_with_torch_backend(hf):
+    prompts = [[5, 9, 33, 7, 100], list(range(10, 31)), [42]]
+    outs = {}
+    for backend in ("torch", "cpu"):
+        eng = Engine.from_model(hf, num_pages=256, page_size=4, attention_backend=backend)
+        assert eng.backend.name == backend
+        outs[backend] = eng.generate(prompts, SamplingParams(n=3, temperature=0.0, max_tokens=24, ignore_eos=True))
+    for a, b in zip(outs["torch"], outs["cpu"]):
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids
+            assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-4)
+
+
+def test_engine_tree_parity_with_torch_backend(hf):
+    prompts = [[5, 9, 33, 7, 100], list(range(10, 31))]
+    cfg = TreeConfig(segment_len=5, max_depth=4, max_width=8, branch_factor=2, rep_count=0, seed=3)
+    trees = {}
+    for backend in ("torch", "cpu"):
+        eng = Engine.from_model(hf, num_pages=4096, page_size=4, attention_backend=backend)
+        eng.eos_token_ids = set(range(1, 20))
+        trees[backend] = TreeSampler(eng, cfg).sample(prompts, SamplingParams(seed=3, temperature=1.0))
+        assert eng.kv.num_used == 0
+    for a, b in zip(trees["torch"], trees["cpu"]):
+        assert [(l.token_ids, l.finish_reason, l.from_fallback) for l in a.leaves] == \
+               [(l.token_ids, l.finish_reason, l.from_fallback) for l in b.leaves]
+        for la, lb in zip(a.leaves, b.leaves):
+            assert_close(torch.tensor(lb.logprobs), torch.tensor(la.logprobs), atol=1e-4)
+
+
+def test_auto_picks_cpu_backend_on_cpu(hf):
+    assert Engine.from_model(hf, num_pages=16, page_size=4).backend.name == "cpu"

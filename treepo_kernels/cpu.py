@@ -1,0 +1,65 @@
+"""Launchers for the C++ CPU kernels in csrc/ (torch.ops.treepo.*), with the references' contracts.
+
+The extension `treepo_kernels._C` is built by setup.py when a compiler is present; `status()` says
+whether it loaded and why not. Every launcher checks shapes and dtypes here (readable errors) and
+again in C++ (no out-of-bounds reads whatever the caller passes).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .tree_plan import TreePlan
+
+_error: str | None = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.treepo)
+except Exception as e:  # not built, or built for another torch
+    _error = f"{type(e).__name__}: {e}"
+
+
+def status() -> tuple[bool, str]:
+    """(available, reason): whether the compiled CPU kernels can be used."""
+    if _error is None:
+        return True, ""
+    return False, f"the C++ extension treepo_kernels._C is not built ({_error}); reinstall with a C++ compiler"
+
+
+def _need():
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(why)
+
+
+def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slot_pages: torch.Tensor, slot_offsets: torch.Tensor) -> None:
+    """As `append_kv_ref`: caches [num_pages, H_kv, P, D] (contiguous), k/v [T, H_kv, D] in the
+    cache dtype, slot_pages / slot_offsets [T] int64. In place."""
+    _need()
+    torch.ops.treepo.append_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype),
+                               slot_pages.long().contiguous(), slot_offsets.long().contiguous())
+
+
+def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan,
+                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `tree_decode_ref`: q [B, H_q, D] (row b = leaf b of the plan) in the cache dtype (fp32,
+    bf16 or fp16), caches [num_pages, H_kv, P, D], plan arrays int32 on the CPU.
+    Returns (out [B, H_q, D] in q's dtype, lse [B, H_q] fp32, natural log)."""
+    _need()
+    assert q.dim() == 3 and q.shape[0] == plan.num_leaves, f"q {tuple(q.shape)} vs {plan.num_leaves} leaves"
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.treepo.tree_decode(q, k_cache, v_cache, plan.unit_page_ptr, plan.unit_pages, plan.unit_len,
+                                        plan.unit_leaf_ptr, plan.unit_leaves, plan.leaf_part_ptr,
+                                        plan.leaf_parts, scale)
+
+
+def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 cu_q: torch.Tensor, kv_lens: torch.Tensor, scale: float | None = None):
+    """As `paged_attention_ref` (decode rows are the case of one new token): q [T, H_q, D],
+    block_tables [B, max_pages] int32, cu_q [B + 1], kv_lens [B] (K/V of the new tokens already
+    appended). Returns (out [T, H_q, D] in q's dtype, lse [T, H_q] fp32)."""
+    _need()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.ops.treepo.paged_extend(q, k_cache, v_cache, block_tables.int().contiguous(),
+                                         cu_q.long().contiguous(), kv_lens.long().contiguous(), scale)
