@@ -17,7 +17,7 @@ if os.environ.get("TREEPO_NO_EXT") != "1":
     except Exception as e:  # torch not importable at build time: no extension
         print(f"treepo: not building the C++ CPU kernels ({e})", file=sys.stderr)
     else:
-        flags = ["-O3", "-std=c++20", "-fopenmp-simd", "-fno-math-errno"]
+        flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
         if os.environ.get("TREEPO_NATIVE", "1") == "1":
             flags.append("-march=native")
 
@@ -32,7 +32,7 @@ if os.environ.get("TREEPO_NO_EXT") != "1":
                           "plain-PyTorch attention", file=sys.stderr)
 
         ext_modules = [CppExtension("treepo_kernels._C", ["csrc/tree_attention.cpp", "csrc/module.cpp"],
-                                    extra_compile_args=flags)]
+                                    extra_compile_args=flags, extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": OptionalBuild.with_options(use_ninja=False)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

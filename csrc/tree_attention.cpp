@@ -70,23 +70,66 @@ void convert(const T* src, float* dst, int n) {
 
 // Per-task scratch, reused across tasks run by one thread.
 struct Scratch {
-  std::vector<float> q, o, m, l, k, kt, v, s;
+  std::vector<float> q, o, m, l, alpha, k, kt, v, s;
   void ensure(int rows, int D, int P) {
     int PB = (P + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
     if ((int)q.size() < rows * D) q.resize(rows * D), o.resize(rows * D);
-    if ((int)m.size() < rows) m.resize(rows), l.resize(rows);
+    if ((int)m.size() < rows) m.resize(rows), l.resize(rows), alpha.resize(rows);
     if ((int)s.size() < rows * PB) s.resize(rows * PB);
     if ((int)k.size() < P * D) k.resize(P * D), v.resize(P * D);
     if ((int)kt.size() < D * PB) kt.resize(D * PB);
   }
 };
 
+// S[r, 0:PB] = q_r . K^T for RB rows at once (RB independent FMA chains per key block).
+template <int RB>
+inline void scores_t(const float* __restrict__ Q, const float* __restrict__ KT, float* __restrict__ S, int D,
+                     int PB) {
+  for (int jb = 0; jb < PB; jb += kKeyBlock) {
+    float acc[RB][kKeyBlock] = {};
+    for (int d = 0; d < D; ++d) {
+      const float* __restrict__ kt = KT + d * PB + jb;
+      for (int r = 0; r < RB; ++r) {
+        const float qd = Q[r * D + d];
+#pragma omp simd
+        for (int j = 0; j < kKeyBlock; ++j) acc[r][j] += qd * kt[j];
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < kKeyBlock; ++j) S[r * PB + jb + j] = acc[r][j];
+  }
+}
+
+// O[r] = alpha[r] * O[r] + sum_j P[r, j] V[j] for RB rows, accumulators in registers.
+template <int DC, int RB>
+inline void pv_block(float* __restrict__ O, const float* __restrict__ Pm, const float* __restrict__ alpha,
+                     const float* __restrict__ V, int cnt, int PB) {
+  float acc[RB][DC];
+  for (int r = 0; r < RB; ++r)
+#pragma omp simd
+    for (int d = 0; d < DC; ++d) acc[r][d] = O[r * DC + d] * alpha[r];
+  for (int j = 0; j < cnt; ++j) {
+    const float* __restrict__ v = V + j * DC;
+    for (int r = 0; r < RB; ++r) {
+      const float p = Pm[r * PB + j];
+#pragma omp simd
+      for (int d = 0; d < DC; ++d) acc[r][d] += p * v[d];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+#pragma omp simd
+    for (int d = 0; d < DC; ++d) O[r * DC + d] = acc[r][d];
+}
+
 // Attention of `rows` fp32 query rows (already scaled) over the tokens [start, start + n) held in
 // `pages` (page i holds tokens start + i*P ...), for KV head `h`. Row r sees token t only when
 // t < limit[r] (limit == nullptr: all). Accumulates into sc.o / sc.m / sc.l (online softmax).
-template <typename T>
-void attend(Scratch& sc, int rows, int D, const int* limit, const T* kc, const T* vc, int64_t page_stride,
-            int64_t head_off, int P, const int32_t* pages, int n, int64_t start) {
+// DC is the head dim when known at compile time (32/64/128: the row accumulators then live in
+// registers), 0 for any other head dim.
+template <typename T, int DC>
+void attend_d(Scratch& sc, int rows, int d_runtime, const int* limit, const T* kc, const T* vc,
+              int64_t page_stride, int64_t head_off, int P, const int32_t* pages, int n, int64_t start) {
+  const int D = DC > 0 ? DC : d_runtime;
   const int PB = (P + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   const bool transpose = rows >= kTransposeRows;
   float* __restrict__ Q = sc.q.data();
@@ -103,30 +146,19 @@ void attend(Scratch& sc, int rows, int D, const int* limit, const T* kc, const T
     convert(kc + base, K, cnt * D);
     convert(vc + base, V, cnt * D);
     // scores S[r, j] for j < cnt
-    if (transpose) {
+    if (transpose) {  // many rows: K^T once, then 16 keys per vector, 8 rows at a time
       for (int j = 0; j < cnt; ++j)
         for (int d = 0; d < D; ++d) KT[d * PB + j] = K[j * D + d];
       for (int d = 0; d < D; ++d)
         for (int j = cnt; j < PB; ++j) KT[d * PB + j] = 0.0f;
-      for (int r = 0; r < rows; ++r) {
-        float* __restrict__ s = S + r * PB;
-        const float* __restrict__ q = Q + r * D;
-        for (int jb = 0; jb < PB; jb += kKeyBlock) {
-          float acc[kKeyBlock] = {0};
-          for (int d = 0; d < D; ++d) {
-            const float qd = q[d];
-            const float* __restrict__ kt = KT + d * PB + jb;
-#pragma omp simd
-            for (int j = 0; j < kKeyBlock; ++j) acc[j] += qd * kt[j];
-          }
-          for (int j = 0; j < kKeyBlock; ++j) s[jb + j] = acc[j];
-        }
-      }
-    } else {
-      for (int r = 0; r < rows; ++r) {
-        const float* __restrict__ q = Q + r * D;
-        for (int j = 0; j < cnt; ++j) {
-          const float* __restrict__ k = K + j * D;
+      int r = 0;
+      for (; r + 8 <= rows; r += 8) scores_t<8>(Q + r * D, KT, S + r * PB, D, PB);
+      for (; r < rows; ++r) scores_t<1>(Q + r * D, KT, S + r * PB, D, PB);
+    } else {  // few rows (plain decode: the g heads of one leaf): dot products
+      for (int j = 0; j < cnt; ++j) {
+        const float* __restrict__ k = K + j * D;
+        for (int r = 0; r < rows; ++r) {
+          const float* __restrict__ q = Q + r * D;
           float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
           for (int d = 0; d < D; ++d) acc += q[d] * k[d];
@@ -134,35 +166,69 @@ void attend(Scratch& sc, int rows, int D, const int* limit, const T* kc, const T
         }
       }
     }
-    // online softmax update, then O += P V
+    // online softmax: S becomes the probabilities (0 where masked), alpha[r] rescales the row
+    float* __restrict__ alpha = sc.alpha.data();
     for (int r = 0; r < rows; ++r) {
       float* __restrict__ s = S + r * PB;
       int visible = cnt;
       if (limit) visible = (int)std::max<int64_t>(0, std::min<int64_t>(cnt, limit[r] - t0));
-      if (visible == 0) continue;
+      if (visible == 0) {
+        alpha[r] = 1.0f;
+        for (int j = 0; j < PB; ++j) s[j] = 0.0f;
+        continue;
+      }
       float mx = sc.m[r];
       for (int j = 0; j < visible; ++j) mx = std::max(mx, s[j]);
-      const float alpha = exp_neg(sc.m[r] - mx);  // m == -inf -> ~0, and o, l are 0 then anyway
+      alpha[r] = exp_neg(sc.m[r] - mx);  // m == -inf -> ~0, and o, l are 0 then anyway
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < visible; ++j) {
-        s[j] = exp_neg(s[j] - mx);
-        sum += s[j];
+      for (int j = 0; j < PB; ++j) {
+        const float p = j < visible ? exp_neg(s[j] - mx) : 0.0f;
+        s[j] = p;
+        sum += p;
       }
       sc.m[r] = mx;
-      sc.l[r] = sc.l[r] * alpha + sum;
-      float* __restrict__ o = O + r * D;
-      if (alpha != 1.0f) {
+      sc.l[r] = sc.l[r] * alpha[r] + sum;
+    }
+    // O = alpha * O + P V, several rows at a time so their accumulators stay in registers
+    if constexpr (DC > 0) {
+      constexpr int RB = DC >= 128 ? 2 : (DC >= 64 ? 4 : 8);
+      int r = 0;
+      for (; r + RB <= rows; r += RB) pv_block<DC, RB>(O + r * DC, S + r * PB, alpha + r, V, cnt, PB);
+      for (int b = RB / 2; b >= 1; b /= 2)  // the rest in blocks of RB/2, ..., 2, 1 rows (3 = 2 + 1)
+        if (rows - r >= b) {
+          if (b == 4) pv_block<DC, 4>(O + r * DC, S + r * PB, alpha + r, V, cnt, PB);
+          if (b == 2) pv_block<DC, 2>(O + r * DC, S + r * PB, alpha + r, V, cnt, PB);
+          if (b == 1) pv_block<DC, 1>(O + r * DC, S + r * PB, alpha + r, V, cnt, PB);
+          r += b;
+        }
+      if (r < rows) pv_block<DC, 1>(O + r * DC, S + r * PB, alpha + r, V, cnt, PB), ++r;
+      TORCH_CHECK(r == rows);
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        float* __restrict__ o = O + r * D;
+        const float* __restrict__ s = S + r * PB;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) o[d] *= alpha;
-      }
-      for (int j = 0; j < visible; ++j) {
-        const float p = s[j];
-        const float* __restrict__ v = V + j * D;
+        for (int d = 0; d < D; ++d) o[d] *= alpha[r];
+        for (int j = 0; j < cnt; ++j) {
+          const float p = s[j];
+          const float* __restrict__ v = V + j * D;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) o[d] += p * v[d];
+          for (int d = 0; d < D; ++d) o[d] += p * v[d];
+        }
       }
     }
+  }
+}
+
+template <typename T>
+void attend(Scratch& sc, int rows, int D, const int* limit, const T* kc, const T* vc, int64_t page_stride,
+            int64_t head_off, int P, const int32_t* pages, int n, int64_t start) {
+  switch (D) {
+    case 32: return attend_d<T, 32>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
+    case 64: return attend_d<T, 64>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
+    case 128: return attend_d<T, 128>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
+    default: return attend_d<T, 0>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
   }
 }
 

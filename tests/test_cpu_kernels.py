@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 EXTRA_SHAPES = [  # (Hq, Hkv, D, page_size, prompt_len, depth, branch, seg_len)
     (3, 3, 32, 16, 16, 2, 4, 16),  # g=1, forks exactly at page ends, full last pages
-    (24, 3, 128, 16, 200, 1, 40, 3),  # 40 leaves under one node (more than a task's leaf tile)
+    (24, 3, 128, 16, 70, 1, 40, 3),  # 40 leaves under one node (more than a task's leaf tile)
     (8, 1, 64, 8, 9, 6, 2, 1),  # deep chain of 1-token segments
     (12, 4, 32, 4, 3, 3, 3, 0),  # zero-length segments only: forks share everything
 ]
