@@ -1,0 +1,49 @@
+"""Shared test cases of the attention kernels (C++ and Triton): random trees grown with real KV-cache
+forks, ragged extends, and tolerances."""
+import random
+
+import torch
+
+from test_tree_plan import grow_tree
+from treepo.kv_cache import PagedKVCache
+
+# kernels compute in fp32 from the stored values; the only extra error is the output's rounding
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=8e-3),
+       torch.float16: dict(atol=1e-3, rtol=1e-3)}
+
+EXTRA_SHAPES = [  # (Hq, Hkv, D, page_size, prompt_len, depth, branch, seg_len)
+    (3, 3, 32, 16, 16, 2, 4, 16),  # g=1, forks exactly at page ends, full last pages
+    (24, 3, 128, 16, 70, 1, 40, 3),  # 40 leaves under one node (more than a task's leaf tile)
+    (8, 1, 64, 8, 9, 6, 2, 1),  # deep chain of 1-token segments
+    (12, 4, 32, 4, 3, 3, 3, 0),  # zero-length segments only: forks share everything
+]
+
+
+def tree_case(shape, seed, dtype):
+    Hq, Hkv, D, P, prompt, depth, branch, seg = shape
+    kv = PagedKVCache(1, Hkv, D, num_pages=4096, page_size=P)
+    kv._free = torch.randperm(4096, generator=torch.Generator().manual_seed(seed)).tolist()  # shuffled ids
+    tables, lens = grow_tree(kv, seed, prompt, depth, branch, seg)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(kv.k[0].shape, generator=g).to(dtype)
+    v = torch.randn(kv.v[0].shape, generator=g).to(dtype)
+    q = torch.randn(len(lens), Hq, D, generator=g).to(dtype)
+    return q, k, v, tables, lens, P
+
+
+def extend_case(seed, Hq, Hkv, D, P, dtype):
+    """Ragged extend: sequences with random cached lengths and 1..40 new tokens, shuffled pages."""
+    r = random.Random(seed)
+    B = r.randint(1, 5)
+    cached = [r.choice([0, 1, P - 1, P, r.randint(0, 50)]) for _ in range(B)]
+    new = [r.choice([1, 2, 15, 16, 17, r.randint(1, 40)]) for _ in range(B)]
+    kv_lens = [c + n for c, n in zip(cached, new)]
+    max_pages = max(-(-L // P) for L in kv_lens)
+    perm = torch.randperm(B * max_pages + 3, generator=torch.Generator().manual_seed(seed))
+    tables = perm[: B * max_pages].view(B, max_pages).int()
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B * max_pages + 3, Hkv, P, D, generator=g).to(dtype)
+    v = torch.randn(B * max_pages + 3, Hkv, P, D, generator=g).to(dtype)
+    q = torch.randn(sum(new), Hq, D, generator=g).to(dtype)
+    cu = torch.tensor([0] + new).cumsum(0)
+    return q, k, v, tables, cu, torch.tensor(kv_lens)

@@ -1,0 +1,87 @@
+"""attention_backend="triton": the Triton kernels of treepo_kernels/ (the default on CUDA).
+
+Per engine step `plan` runs once on the host: the tree planner over the decode rows' block tables
+(shared pages become units read once for all their leaves) and the work items of both kernels,
+copied to the device in one go; every layer then launches append + tree decode (two launches) +
+extend with that plan. On a CPU the kernels run only under the Triton interpreter
+(TRITON_INTERPRET=1, for tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from treepo_kernels.tree_plan import plan_tree
+
+from .kv_cache import PagedKVCache
+
+
+class TritonBackend:
+    name = "triton"
+    auto_ok = True
+
+    def __init__(self, min_fanout: int = 2):
+        self.min_fanout = min_fanout
+
+    @staticmethod
+    def available(device: torch.device) -> tuple[bool, str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return False, f"triton is not installed ({e})"
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "interpreter"
+        return False, f"needs CUDA (or TRITON_INTERPRET=1 on a CPU), not {device.type}"
+
+    def plan(self, meta, kv: PagedKVCache, num_q_heads: int):
+        from treepo_kernels import triton_extend, triton_tree_decode
+
+        dev = meta.block_tables.device
+        g = num_q_heads // kv.num_kv_heads
+        plan = {}
+        dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
+        if dec:
+            tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
+                             min_fanout=self.min_fanout, device=dev)
+            items = triton_tree_decode.work_items(tree, triton_tree_decode.tile_for(tree, g)[1], dev)
+            tok = None if len(dec) == len(meta.q_lens) else meta.cu_q[dec]
+            plan["decode"] = (tree, items, tok)
+        ext = [b for b, n in enumerate(meta.q_lens) if n > 1]
+        if ext:
+            q_lens = [meta.q_lens[b] for b in ext]
+            cu = torch.zeros(len(ext) + 1, dtype=torch.int64)
+            cu[1:] = torch.tensor(q_lens).cumsum(0)
+            tok = None
+            if len(ext) < len(meta.q_lens):
+                tok = torch.cat([torch.arange(int(meta.cu_q[b]), int(meta.cu_q[b + 1])) for b in ext]).to(dev)
+            items = triton_extend.extend_items(q_lens, triton_extend.block_q_for(g), dev)
+            plan["extend"] = (meta.block_tables[ext].contiguous(), cu.to(dev),
+                              torch.tensor([meta.kv_lens[b] for b in ext], dtype=torch.int64, device=dev), items, tok)
+        return plan
+
+    def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan):
+        from treepo_kernels.triton_extend import paged_extend
+        from treepo_kernels.triton_paged_kv import append_kv
+        from treepo_kernels.triton_tree_decode import tree_decode
+
+        append_kv(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
+        q = q.to(kv.k.dtype)
+        out = None if len(plan) == 1 else torch.empty_like(q)
+        if "decode" in plan:
+            tree, items, tok = plan["decode"]
+            qd = q if tok is None else q[tok]
+            o = tree_decode(qd.contiguous(), kv.k[layer], kv.v[layer], tree, items=items)[0]
+            if out is None:
+                return o
+            out[tok] = o
+        if "extend" in plan:
+            tables, cu, kv_lens, items, tok = plan["extend"]
+            qe = q if tok is None else q[tok]
+            o = paged_extend(qe.contiguous(), kv.k[layer], kv.v[layer], tables, cu, kv_lens, items=items)[0]
+            if out is None:
+                return o
+            out[tok] = o
+        return out
