@@ -6,7 +6,7 @@ sampling is the same API with one segment of the whole budget. Reports TrajPS (f
 trajectories / s), TokenPS (tokens the model processed / s), response tokens / s, compute saved
 (1 - processed_tree / processed_sequential) and peak KV pages. Usage:
 
-    python bench/bench_sampling.py [--budget 256] [--splits 2x128,4x64,8x32,16x16] [--backend auto]
+    python bench/bench_sampling.py [--budget 256] [--splits 2x128,4x64,8x32,16x16] [--backend auto] [--device cpu|cuda]
 """
 import argparse
 import os
@@ -47,12 +47,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from treepo import Engine, SamplingParams, TreeConfig, TreeSampler
     from treepo.assets import bundled_model_path
 
-    eng = Engine.from_pretrained(bundled_model_path(), dtype=args.dtype, attention_backend=args.backend)
+    eng = Engine.from_pretrained(bundled_model_path(), dtype=args.dtype, attention_backend=args.backend,
+                                 device=args.device)
     prompts = (chat_prompts(eng.tokenizer) * 4)[: args.prompts]
     params = SamplingParams(temperature=1.0, seed=args.seed)
     TreeSampler(eng, TreeConfig.small()).sample(prompts[:1], params)  # warm-up
