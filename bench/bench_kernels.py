@@ -135,7 +135,7 @@ def main():
                                                                            cache_seqlens=seqlens))
             del kk, vv
         rows.append(r)
-        del kv
+        kv = None  # free the pool before the next shape
         if cuda:
             torch.cuda.empty_cache()
     print(f"tree decode, one layer, {dtype}, page 16; copy bandwidth {bw:.0f} GB/s; flash-attn "

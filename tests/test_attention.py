@@ -64,3 +64,15 @@ def test_torch_backend_matches_reference(case, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert_close(out, exact, atol=tol, what=f"torch backend {dtype}")
     assert lse.shape == (q.shape[0], Hq) and torch.isfinite(lse).all()
+
+
+def test_auto_falls_back_to_torch_with_a_notice_when_the_extension_is_missing(monkeypatch, capsys):
+    from treepo import attention
+    from treepo_kernels import cpu
+
+    monkeypatch.setattr(cpu, "_error", "ImportError: no _C")
+    monkeypatch.setattr(attention, "_noticed", set())
+    assert attention.make_backend("auto", "cpu").name == "torch"
+    assert "'cpu' unavailable" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not available"):
+        attention.make_backend("cpu", "cpu")

@@ -7,7 +7,6 @@ from helpers import assert_close, tiny_hf_model
 from kernel_cases import EXTRA_SHAPES, TOL, extend_case, tree_case
 from test_tree_plan import SHAPES
 from treepo import Engine, SamplingParams, TreeConfig, TreeSampler
-from treepo.kv_cache import PagedKVCache
 from treepo_kernels import append_kv_ref, paged_attention_ref
 from treepo_kernels import cpu as kernels
 from treepo_kernels.tree_decode import tree_decode_ref

@@ -75,10 +75,15 @@ def _sample_tree(eng, ids, params, args):
 def cmd_info(args):
     import torch
 
-    from .attention import available_backends
+    from .attention import backend_status, make_backend
 
-    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "attention_backends": available_backends("cuda" if torch.cuda.is_available() else "cpu")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    status = {}
+    for name in ("torch", "triton", "cpu"):
+        ok, why = backend_status(name, device)
+        status[name] = "available" + (f" ({why})" if why else "") if ok else f"unavailable: {why}"
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": device,
+            "attention_backends": status, "auto_backend": make_backend("auto", device).name}
     try:
         import triton
         info["triton"] = triton.__version__

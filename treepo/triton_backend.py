@@ -21,8 +21,9 @@ class TritonBackend:
     name = "triton"
     auto_ok = True
 
-    def __init__(self, min_fanout: int = 2):
-        self.min_fanout = min_fanout
+    def __init__(self, min_fanout: int = 2, max_unit_pages: int = 64):
+        # long nodes are split into chunks of max_unit_pages pages (split-KV) to fill the GPU
+        self.min_fanout, self.max_unit_pages = min_fanout, max_unit_pages
 
     @staticmethod
     def available(device: torch.device) -> tuple[bool, str]:
@@ -45,7 +46,7 @@ class TritonBackend:
         dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
         if dec:
             tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
-                             min_fanout=self.min_fanout, device=dev)
+                             min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages, device=dev)
             items = triton_tree_decode.work_items(tree, triton_tree_decode.tile_for(tree, g)[1], dev)
             tok = None if len(dec) == len(meta.q_lens) else meta.cu_q[dec]
             plan["decode"] = (tree, items, tok)
