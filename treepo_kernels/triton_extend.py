@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tree_decode import block_d_for
+
 LOG2E = 1.4426950408889634
 
 
@@ -109,6 +111,6 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             q, k_cache, v_cache, block_tables, cu_q, kv_lens, items[0], items[1], out, lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, P,
-            G=g, D=D, BLOCK_Q=bq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
+            G=g, D=D, BLOCK_Q=bq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d_for(D),
             PREC="ieee" if q.dtype == torch.float32 else "tf32")
     return out, lse

@@ -79,7 +79,7 @@ def _merge_kernel(po_ptr, pl_ptr, leaf_part_ptr, leaf_parts_ptr, out_ptr, lse_pt
     b = tl.program_id(0)
     a = tl.load(leaf_part_ptr + b)
     e = tl.load(leaf_part_ptr + b + 1)
-    hh = tl.arange(0, BLOCK_H)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = hh < HQ
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -120,9 +120,20 @@ def work_items(plan: TreePlan, leaf_tile: int, device) -> tuple[torch.Tensor, to
 
 def tile_for(plan: TreePlan, g: int) -> tuple[int, int]:
     """(rows of a program's query tile, leaves per work item): the g heads of each leaf are rows;
-    16..64 rows, as few as the widest unit needs."""
-    block_m = max(16, min(64, triton.next_power_of_2(max(plan.max_unit_leaves, 1) * g)))
+    16..64 rows, as few as the widest unit needs - but always all g heads of one leaf (g > 64)."""
+    block_m = max(16, triton.next_power_of_2(g), min(64, triton.next_power_of_2(max(plan.max_unit_leaves, 1) * g)))
     return block_m, max(1, block_m // g)
+
+
+def block_d_for(D: int) -> int:
+    """Head-dim tile: a power of two (masked past D) and >= 16, the smallest K of a `tl.dot`
+    (fp16 / bf16 dots with K < 16 do not compile for a GPU; head_dim 8 exists in tiny models)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def merge_heads_for(Hq: int, block_d: int) -> int:
+    """Heads per merge program: all of them, up to 4096 accumulator elements (more spills)."""
+    return min(triton.next_power_of_2(Hq), max(1, 4096 // block_d))
 
 
 def _check(q, k_cache, v_cache):
@@ -152,7 +163,7 @@ def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
     parts = plan.num_parts
     part_o = torch.empty(max(parts, 1), Hq, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(max(parts, 1), Hq, dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(D)
+    block_d = block_d_for(D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if items[0].numel():
         _partials_kernel[(items[0].numel(), Hkv)](
@@ -163,15 +174,23 @@ def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
             BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec)
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
-    _merge_kernel[(B,)](part_o, part_lse, plan.leaf_part_ptr, plan.leaf_parts, out, lse, part_o.stride(0),
-                        part_o.stride(1), part_lse.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-                        HQ=Hq, D=D, BLOCK_H=triton.next_power_of_2(Hq), BLOCK_D=block_d)
+    block_h = merge_heads_for(Hq, block_d)
+    _merge_kernel[(B, triton.cdiv(Hq, block_h))](
+        part_o, part_lse, plan.leaf_part_ptr, plan.leaf_parts, out, lse, part_o.stride(0), part_o.stride(1),
+        part_lse.stride(0), out.stride(0), out.stride(1), lse.stride(0), HQ=Hq, D=D, BLOCK_H=block_h, BLOCK_D=block_d)
     return out, lse
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: list[list[int]],
-                 kv_lens: list[int], scale: float | None = None):
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables, kv_lens,
+                 scale: float | None = None, max_unit_pages: int | None = 64):
     """Plain (tree-unaware) paged decode: every leaf reads its whole context. Same kernels, a plan
-    with one unit per leaf. block_tables / kv_lens are host lists (as the engine holds them)."""
-    plan = plan_tree(block_tables, kv_lens, k_cache.shape[2], min_fanout=10**9, device=q.device)
+    with one unit per leaf (rows longer than max_unit_pages pages are split, split-KV).
+    block_tables [B][pages] / kv_lens [B]: host lists (as the engine holds them) or tensors (read
+    back to the host once for the planner). Returns (out [B, H_q, D] in q's dtype, lse [B, H_q] fp32)."""
+    if isinstance(block_tables, torch.Tensor):
+        block_tables = block_tables.tolist()
+    if isinstance(kv_lens, torch.Tensor):
+        kv_lens = kv_lens.tolist()
+    plan = plan_tree(block_tables, kv_lens, k_cache.shape[2], min_fanout=10**9, max_unit_pages=max_unit_pages,
+                     device=q.device)
     return tree_decode(q, k_cache, v_cache, plan, scale)

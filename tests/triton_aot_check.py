@@ -1,0 +1,91 @@
+"""Compile the Triton kernels for a GPU target ahead of time, without a GPU (run as a script).
+
+The interpreter (how the kernel tests run on a CPU) accepts programs that the GPU compiler
+rejects - e.g. a fp16 / bf16 `tl.dot` with K < 16. Lowering every kernel to a cubin for sm_90
+with Triton's bundled ptxas catches those on a CPU-only machine. The constexprs come from the
+launchers' own helpers, so this compiles what the launchers would launch.
+
+    python tests/triton_aot_check.py        # prints one line per kernel, exit 1 on a failure
+Exit code 2 (and a reason) when this Triton cannot compile for CUDA here; TRITON_INTERPRET must
+be unset (the kernels must be decorated as JIT functions).
+"""
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print(f"SKIP this Triton has no AOT API ({e})")
+    sys.exit(2)
+
+from treepo_kernels import triton_extend, triton_paged_kv, triton_tree_decode  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
+
+# (dtype, head_dim, g): tiny-model head_dim 8 (below tl.dot's K minimum), a non-power-of-two,
+# the KERNELS.md shapes, MQA with more than 64 query heads per KV head
+CASES = [("bf16", 8, 3), ("fp16", 48, 4), ("bf16", 128, 8), ("bf16", 128, 7), ("fp32", 64, 1), ("bf16", 64, 96)]
+
+
+def compile_kernel(fn, types: dict, constexprs: dict):
+    sig = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs), target=TARGET)
+
+
+def kernels_for(dt: str, D: int, g: int, leaves: int = 12, block_n: int = 16):
+    """(name, fn, pointer types, constexprs) of every kernel a launch with these shapes runs."""
+    prec = "ieee" if dt == "fp32" else "tf32"
+    block_d = triton_tree_decode.block_d_for(D)
+    block_m, leaf_tile = triton_tree_decode.tile_for(SimpleNamespace(max_unit_leaves=leaves), g)
+    i32 = "*i32"
+    partials = dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", po_ptr="*fp32", pl_ptr="*fp32",
+                    scale_log2="fp32", item_unit_ptr=i32, item_leaf_ptr=i32, unit_page_ptr=i32, unit_pages_ptr=i32,
+                    unit_len_ptr=i32, unit_leaf_ptr=i32, unit_leaves_ptr=i32)
+    yield "partials", triton_tree_decode._partials_kernel, partials, dict(
+        G=g, D=D, LEAF_TILE=leaf_tile, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec)
+    Hq = 4 * g
+    merge = dict(po_ptr="*fp32", pl_ptr="*fp32", leaf_part_ptr=i32, leaf_parts_ptr=i32, out_ptr=f"*{dt}",
+                 lse_ptr="*fp32")
+    yield "merge", triton_tree_decode._merge_kernel, merge, dict(
+        HQ=Hq, D=D, BLOCK_H=triton_tree_decode.merge_heads_for(Hq, block_d), BLOCK_D=block_d)
+    bq = triton_extend.block_q_for(g)
+    extend = dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", bt_ptr=i32, cu_ptr="*i64", kvl_ptr="*i64",
+                  item_seq_ptr=i32, item_q_ptr=i32, out_ptr=f"*{dt}", lse_ptr="*fp32", scale_log2="fp32")
+    yield "extend", triton_extend._extend_kernel, extend, dict(
+        G=g, D=D, BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * g)), BLOCK_N=block_n, BLOCK_D=block_d,
+        PREC=prec)
+    append = dict(k_ptr=f"*{dt}", v_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", pages_ptr="*i64",
+                  offs_ptr="*i64")
+    yield "append", triton_paged_kv._append_kernel, append, dict(D=D, BLOCK_D=triton.next_power_of_2(D))
+
+
+def main() -> int:
+    try:  # can this Triton lower to a cubin here at all (CUDA backend + ptxas bundled)?
+        _, fn, types, constexprs = list(kernels_for("fp16", 64, 1))[3]  # the append kernel: quick
+        compile_kernel(fn, types, constexprs)
+    except Exception as e:
+        print(f"SKIP cannot compile for {TARGET} here ({type(e).__name__}: {str(e).strip()[:200]})")
+        return 2
+    failed = 0
+    for dt, D, g in CASES:
+        for name, fn, types, constexprs in kernels_for(dt, D, g):
+            try:
+                compile_kernel(fn, types, constexprs)
+                print(f"ok   {name:8s} {dt} head_dim={D} g={g}")
+            except Exception as e:
+                failed += 1
+                lines = [x for x in str(e).strip().splitlines() if x.strip()]
+                print(f"FAIL {name:8s} {dt} head_dim={D} g={g} {constexprs}: {type(e).__name__}: "
+                      f"{' | '.join(lines[-3:])[:400]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
