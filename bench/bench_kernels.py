@@ -5,8 +5,9 @@ on the unique KV bytes and % of the measured device copy bandwidth, TFLOP/s, and
 speed-of-light ratio sum(p_j) / sum(l_n) (the most tree decode can gain over plain decode).
 Baselines in the same run: our plain paged decode (same kernels, one unit per leaf), torch SDPA
 on per-leaf materialised KV, and flash-attn's `flash_attn_with_kvcache` / FlashInfer's batch
-decode when importable (reported as not installed otherwise). The host planner's time is
-reported separately (it runs once per step for all layers). Usage:
+decode on the same paged pool when importable (reported as not installed otherwise). The host
+planner's time is reported separately (it runs once per step for all layers); `tree_bn64_ms` times
+the tree kernel with 64-token KV tiles (default 16), a first tuning point. Usage:
 
     python bench/bench_kernels.py [--out DIR] [--quick]
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke     # CPU: a tiny run that checks the script
@@ -81,12 +82,16 @@ def main():
     if not cuda and not args.smoke:
         sys.exit("bench_kernels needs CUDA (use --smoke with TRITON_INTERPRET=1 to check the script on a CPU)")
     dtype = torch.bfloat16 if cuda else torch.float32
-    bench = triton.testing.do_bench if cuda else (lambda f: _cpu_time(f))
+    bench = (lambda f: triton.testing.do_bench(f, return_mode="median")) if cuda else _cpu_time
     bw = copy_bandwidth(device) if cuda else float("nan")
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
         flash_attn_with_kvcache = None
+    try:
+        import flashinfer
+    except ImportError:
+        flashinfer = None
     shapes = SMOKE if args.smoke else SHAPES[:3] if args.quick else SHAPES
     rows = []
     for name, (Hq, Hkv, D), leaves, prefix, suffix, levels in shapes:
@@ -105,8 +110,18 @@ def main():
         plain = plan_tree(tables, lens, P, min_fanout=10**9, device=device, max_unit_pages=64)
         plain_items = work_items(plain, tile_for(plain, Hq // Hkv)[1], device)
         r = {"shape": name, "leaves": B, "sol": tree.path_tokens / tree.unique_tokens}
+        out_tree = tree_decode(q, kv.k[0], kv.v[0], tree, items=items)[0]
+        out_plain = tree_decode(q, kv.k[0], kv.v[0], plain, items=plain_items)[0]
+        r["max_diff_tree_plain"] = (out_tree.float() - out_plain.float()).abs().max().item()  # a sanity check
         r["tree_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], tree, items=items))
         r["plain_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], plain, items=plain_items))
+        if cuda:
+            r["tree_bn64_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], tree, items=items, block_n=64))
+        if cuda and flashinfer is not None:  # plain paged decode on the same pool (HND = our layout)
+            try:
+                r["flashinfer_ms"] = bench(_flashinfer_decode(flashinfer, q, kv, tables, lens))
+            except Exception as e:  # API differences between versions: report, do not stop
+                r["flashinfer_ms"] = f"error: {type(e).__name__}: {e}"[:120]
         unique_bytes = 2 * Hkv * D * q.element_size() * tree.unique_tokens
         r["tree_GBps"] = unique_bytes / r["tree_ms"] / 1e6
         r["pct_copy_bw"] = 100 * r["tree_GBps"] / bw
@@ -139,15 +154,37 @@ def main():
         if cuda:
             torch.cuda.empty_cache()
     print(f"tree decode, one layer, {dtype}, page 16; copy bandwidth {bw:.0f} GB/s; flash-attn "
-          f"{'available' if flash_attn_with_kvcache else 'not installed'}")
+          f"{'available' if flash_attn_with_kvcache else 'not installed'}; FlashInfer "
+          f"{'available' if flashinfer else 'not installed'}")
     print_table(rows, ["shape", "leaves", "sol", "tree_ms", "plain_ms", "tree_vs_plain", "tree_GBps", "pct_copy_bw",
-                       "tree_TFLOPs", "sdpa_ms", "flash_attn_ms", "plan_ms"])
-    result = {"bench": "kernels", "machine": machine(), "copy_GBps": bw, "rows": rows}
+                       "tree_TFLOPs", "tree_bn64_ms", "sdpa_ms", "flash_attn_ms", "flashinfer_ms", "plan_ms"])
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]  # NaN: no JSON
+    result = {"bench": "kernels", "machine": machine(), "copy_GBps": bw if cuda else None,
+              "flash_attn": flash_attn_with_kvcache is not None, "flashinfer": flashinfer is not None, "rows": rows}
     print(json.dumps(result))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _flashinfer_decode(flashinfer, q, kv, tables, lens):
+    """FlashInfer's batch decode over our pool: indptr / indices / last_page_len CSR, HND layout."""
+    P = kv.page_size
+    dev = q.device
+    n_pages = [-(-L // P) for L in lens]
+    indptr = torch.tensor([0] + n_pages, device=dev).cumsum(0).int()
+    indices = torch.tensor([p for t, n in zip(tables, n_pages) for p in t[:n]], dtype=torch.int32, device=dev)
+    last = torch.tensor([L - (n - 1) * P for L, n in zip(lens, n_pages)], dtype=torch.int32, device=dev)
+    B, Hq, D = q.shape
+    Hkv = kv.num_kv_heads
+    ws = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "HND", use_tensor_cores=Hq // Hkv >= 4)
+    if hasattr(w, "plan"):
+        w.plan(indptr, indices, last, Hq, Hkv, D, P, q_data_type=q.dtype, kv_data_type=kv.k.dtype)
+        return lambda: w.run(q, (kv.k[0], kv.v[0]))
+    w.begin_forward(indptr, indices, last, Hq, Hkv, D, P, data_type=kv.k.dtype)  # flashinfer < 0.2
+    return lambda: w.forward(q, (kv.k[0], kv.v[0]))
 
 
 def _cpu_time(f, n=3):
