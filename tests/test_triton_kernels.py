@@ -124,6 +124,14 @@ def test_launchers_reject_bad_shapes():
         tree_decode(torch.cat([q, q]).to(DEV), k.to(DEV), v.to(DEV), to_dev(plan))
     with pytest.raises(AssertionError, match="dtype"):
         tree_decode(q.half().to(DEV), k.to(DEV), v.to(DEV), to_dev(plan))
+    plan.unit_pages = plan.unit_pages.long()
+    with pytest.raises(AssertionError, match="plan.unit_pages must be contiguous int32"):
+        tree_decode(q.to(DEV), k.to(DEV), v.to(DEV), to_dev(plan))
+    qe, ke, ve, te, cu, kl = extend_case(0, 4, 4, 32, 4, torch.float32)
+    with pytest.raises(AssertionError, match="block_tables must be contiguous"):
+        paged_extend(qe.to(DEV), ke.to(DEV), ve.to(DEV), te.long().to(DEV), cu.to(DEV), kl.to(DEV))
+    with pytest.raises(AssertionError, match=r"kv_lens must be contiguous \["):
+        paged_extend(qe.to(DEV), ke.to(DEV), ve.to(DEV), te.to(DEV), cu.to(DEV), kl[:-1].to(DEV))
 
 
 TRITON_SHAPES = [  # (Hq, Hkv, D, page_size, prompt_len, depth, branch, seg_len), beyond the shared grid

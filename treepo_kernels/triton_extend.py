@@ -95,7 +95,13 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape
     assert q.shape[2] == k_cache.shape[3] and q.shape[1] % k_cache.shape[1] == 0
     assert q.dtype == k_cache.dtype == v_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert block_tables.dim() == 2 and block_tables.dtype == torch.int32 and block_tables.is_contiguous()
+    assert block_tables.dim() == 2 and block_tables.dtype == torch.int32 and block_tables.is_contiguous(), \
+        f"block_tables must be contiguous [B, max_pages] int32, is {block_tables.dtype} {tuple(block_tables.shape)}"
+    B = block_tables.shape[0]
+    for name, a, n in (("cu_q", cu_q, B + 1), ("kv_lens", kv_lens, B)):
+        ok = a.shape == (n,) and a.dtype in (torch.int32, torch.int64) and a.device == q.device
+        assert ok and a.is_contiguous(), \
+            f"{name} must be contiguous [{n}] int32/int64 on {q.device}, is {a.dtype} {tuple(a.shape)} on {a.device}"
     T, Hq, D = q.shape
     Hkv, P = k_cache.shape[1], k_cache.shape[2]
     g = Hq // Hkv

@@ -30,7 +30,9 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     T, Hkv, D = k.shape
     assert (Hkv, D) == (k_cache.shape[1], k_cache.shape[3]) and v.shape == k.shape, \
         f"k {tuple(k.shape)} does not match cache {tuple(k_cache.shape)}"
-    assert slot_pages.shape == slot_offsets.shape == (T,)
+    assert slot_pages.shape == slot_offsets.shape == (T,), \
+        f"slot_pages {tuple(slot_pages.shape)} / slot_offsets {tuple(slot_offsets.shape)} must be [{T}]"
+    assert not slot_pages.is_floating_point() and not slot_offsets.is_floating_point(), "slots must be integers"
     if T == 0:
         return
     k = k.to(k_cache.dtype).contiguous()

@@ -156,6 +156,11 @@ def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
     Hkv, P = k_cache.shape[1], k_cache.shape[2]
     g = Hq // Hkv
     assert plan.num_leaves == B, f"plan has {plan.num_leaves} leaves, q has {B} rows"
+    for name in ("unit_page_ptr", "unit_pages", "unit_len", "unit_leaf_ptr", "unit_leaves", "leaf_part_ptr",
+                 "leaf_parts"):
+        a = getattr(plan, name)
+        assert a.dtype == torch.int32 and a.device == q.device and a.is_contiguous(), \
+            f"plan.{name} must be contiguous int32 on {q.device}, is {a.dtype} on {a.device}"
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     block_m, leaf_tile = tile_for(plan, g)
     if items is None:
