@@ -6,8 +6,9 @@ speed-of-light ratio sum(p_j) / sum(l_n) (the most tree decode can gain over pla
 Baselines in the same run: our plain paged decode (same kernels, one unit per leaf), torch SDPA
 on per-leaf materialised KV, and flash-attn's `flash_attn_with_kvcache` / FlashInfer's batch
 decode on the same paged pool when importable (reported as not installed otherwise). The host
-planner's time is reported separately (it runs once per step for all layers); `tree_bn64_ms` times
-the tree kernel with 64-token KV tiles (default 16), a first tuning point. Usage:
+planner's time is reported separately (it runs once per step for all layers); `tree_bn32_ms` and
+`tree_bn64w8_ms` time kernel 1 with 32-token KV tiles / 64-token tiles on 8 warps (default: 16
+tokens, 4 warps), first tuning points. Usage:
 
     python bench/bench_kernels.py [--out DIR] [--quick]
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke     # CPU: a tiny run that checks the script
@@ -115,8 +116,10 @@ def main():
         r["max_diff_tree_plain"] = (out_tree.float() - out_plain.float()).abs().max().item()  # a sanity check
         r["tree_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], tree, items=items))
         r["plain_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], plain, items=plain_items))
-        if cuda:
-            r["tree_bn64_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], tree, items=items, block_n=64))
+        # first tuning points for kernel 1 (default: 16-token KV tiles, 4 warps)
+        r["tree_bn32_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], tree, items=items, block_n=32))
+        r["tree_bn64w8_ms"] = bench(lambda: tree_decode(q, kv.k[0], kv.v[0], tree, items=items, block_n=64,
+                                                        num_warps=8))
         if cuda and flashinfer is not None:  # plain paged decode on the same pool (HND = our layout)
             try:
                 r["flashinfer_ms"] = bench(_flashinfer_decode(flashinfer, q, kv, tables, lens))
@@ -157,7 +160,8 @@ def main():
           f"{'available' if flash_attn_with_kvcache else 'not installed'}; FlashInfer "
           f"{'available' if flashinfer else 'not installed'}")
     print_table(rows, ["shape", "leaves", "sol", "tree_ms", "plain_ms", "tree_vs_plain", "tree_GBps", "pct_copy_bw",
-                       "tree_TFLOPs", "tree_bn64_ms", "sdpa_ms", "flash_attn_ms", "flashinfer_ms", "plan_ms"])
+                       "tree_TFLOPs", "tree_bn32_ms", "tree_bn64w8_ms", "sdpa_ms", "flash_attn_ms", "flashinfer_ms",
+                       "plan_ms"])
     rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]  # NaN: no JSON
     result = {"bench": "kernels", "machine": machine(), "copy_GBps": bw if cuda else None,
               "flash_attn": flash_attn_with_kvcache is not None, "flashinfer": flashinfer is not None, "rows": rows}

@@ -146,10 +146,11 @@ def _check(q, k_cache, v_cache):
 
 
 def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan,
-                scale: float | None = None, items=None, block_n: int = 16):
+                scale: float | None = None, items=None, block_n: int = 16, num_warps: int = 4):
     """As `tree_decode_ref`: q [B, H_q, D] (row b = leaf b of the plan; fp32 / fp16 / bf16),
     caches [num_pages, H_kv, page_size, D] contiguous in q's dtype, plan arrays int32 on q's device.
-    `items` (from `work_items`) may be passed to reuse them across layers.
+    `items` (from `work_items`) may be passed to reuse them across layers; block_n (KV tokens per
+    tile) and num_warps tune kernel 1 (64-token tiles need 8 warps to stay out of register spills).
     Returns (out [B, H_q, D] in q's dtype, lse [B, H_q] fp32, natural log)."""
     _check(q, k_cache, v_cache)
     B, Hq, D = q.shape
@@ -176,7 +177,7 @@ def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
             plan.unit_leaf_ptr, plan.unit_leaves, part_o, part_lse, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), part_o.stride(0), part_o.stride(1),
             part_lse.stride(0), scale * LOG2E, P, G=g, D=D, LEAF_TILE=leaf_tile, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec)
+            BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec, num_warps=num_warps)
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     block_h = merge_heads_for(Hq, block_d)
