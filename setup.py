@@ -30,6 +30,7 @@ if os.environ.get("TREEPO_NO_EXT") != "1":
                 except Exception as e:
                     print(f"treepo: the C++ CPU kernels did not build ({e}); the engine will use the "
                           "plain-PyTorch attention", file=sys.stderr)
+                    self.extensions = []  # nothing to copy or install afterwards
 
         ext_modules = [CppExtension("treepo_kernels._C", ["csrc/tree_attention.cpp", "csrc/module.cpp"],
                                     extra_compile_args=flags, extra_link_args=["-fopenmp"])]
