@@ -45,9 +45,12 @@ class TritonBackend:
         plan = {}
         dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
         if dec:
+            # planned on the host, then copied once: no device-to-host sync in the step
             tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
-                             min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages, device=dev)
-            items = triton_tree_decode.work_items(tree, triton_tree_decode.tile_for(tree, g)[1], dev)
+                             min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages)
+            items = triton_tree_decode.work_items(tree, triton_tree_decode.tile_for(tree, g)[1], "cpu")
+            tree = tree.to(dev)
+            items = tuple(t.to(dev, non_blocking=True) for t in items)
             tok = None if len(dec) == len(meta.q_lens) else meta.cu_q[dec]
             plan["decode"] = (tree, items, tok)
         ext = [b for b, n in enumerate(meta.q_lens) if n > 1]

@@ -17,6 +17,7 @@ Built once per step on the host and reused by every layer.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,11 @@ class TreePlan:
     unique_tokens: int  # sum of unit_len: KV tokens read per head per layer
     path_tokens: int  # sum of kv_lens: what plain paged decode reads
 
+    def to(self, device, non_blocking: bool = True) -> "TreePlan":
+        """The same plan with its arrays on `device` (plan on the host, then one copy each)."""
+        moved = {f: getattr(self, f).to(device, non_blocking=non_blocking) for f in _ARRAYS}
+        return dataclasses.replace(self, **moved)
+
     @property
     def num_units(self) -> int:
         return self.unit_len.numel()
@@ -54,6 +60,10 @@ class TreePlan:
     @property
     def num_parts(self) -> int:
         return self.unit_leaves.numel()
+
+
+_ARRAYS = ("unit_page_ptr", "unit_pages", "unit_len", "unit_start", "unit_leaf_ptr", "unit_leaves",
+           "leaf_part_ptr", "leaf_parts")
 
 
 class _Node:
