@@ -58,9 +58,10 @@ def kernels_for(dt: str, D: int, g: int, leaves: int = 12, block_n: int = 16):
     bq = triton_extend.block_q_for(g)
     extend = dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", bt_ptr=i32, cu_ptr="*i64", kvl_ptr="*i64",
                   item_seq_ptr=i32, item_q_ptr=i32, out_ptr=f"*{dt}", lse_ptr="*fp32", scale_log2="fp32")
-    yield "extend", triton_extend._extend_kernel, extend, dict(
-        G=g, D=D, BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * g)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PREC=prec)
+    for own_only in (False, True):  # paged_extend / tree_extend's causal part
+        yield "extend", triton_extend._extend_kernel, extend, dict(
+            G=g, D=D, BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * g)), BLOCK_N=block_n, BLOCK_D=block_d,
+            PREC=prec, OWN_ONLY=own_only)
     append = dict(k_ptr=f"*{dt}", v_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", pages_ptr="*i64",
                   offs_ptr="*i64")
     yield "append", triton_paged_kv._append_kernel, append, dict(D=D, BLOCK_D=triton.next_power_of_2(D))

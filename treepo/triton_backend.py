@@ -54,20 +54,18 @@ class TritonBackend:
             tok = None if len(dec) == len(meta.q_lens) else meta.cu_q[dec]
             plan["decode"] = (tree, items, tok)
         ext = [b for b, n in enumerate(meta.q_lens) if n > 1]
-        if ext:
-            q_lens = [meta.q_lens[b] for b in ext]
-            cu = torch.zeros(len(ext) + 1, dtype=torch.int64)
-            cu[1:] = torch.tensor(q_lens).cumsum(0)
+        if ext:  # tree-aware extend: a context shared by several rows is read once
             tok = None
             if len(ext) < len(meta.q_lens):
                 tok = torch.cat([torch.arange(int(meta.cu_q[b]), int(meta.cu_q[b + 1])) for b in ext]).to(dev)
-            items = triton_extend.extend_items(q_lens, triton_extend.block_q_for(g), dev)
-            plan["extend"] = (meta.block_tables[ext].contiguous(), cu.to(dev),
-                              torch.tensor([meta.kv_lens[b] for b in ext], dtype=torch.int64, device=dev), items, tok)
+            xplan = triton_extend.plan_extend([meta.tables[b] for b in ext], [meta.kv_lens[b] for b in ext],
+                                              [meta.q_lens[b] for b in ext], kv.page_size, g, dev,
+                                              min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages)
+            plan["extend"] = (xplan, tok)
         return plan
 
     def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan):
-        from treepo_kernels.triton_extend import paged_extend
+        from treepo_kernels.triton_extend import tree_extend
         from treepo_kernels.triton_paged_kv import append_kv
         from treepo_kernels.triton_tree_decode import tree_decode
 
@@ -82,9 +80,9 @@ class TritonBackend:
                 return o
             out[tok] = o
         if "extend" in plan:
-            tables, cu, kv_lens, items, tok = plan["extend"]
+            xplan, tok = plan["extend"]
             qe = q if tok is None else q[tok]
-            o = paged_extend(qe.contiguous(), kv.k[layer], kv.v[layer], tables, cu, kv_lens, items=items)[0]
+            o = tree_extend(qe.contiguous(), kv.k[layer], kv.v[layer], xplan)[0]
             if out is None:
                 return o
             out[tok] = o

@@ -10,6 +10,7 @@ to the tile's last query; online softmax in fp32 with exp2.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,7 +25,7 @@ LOG2E = 1.4426950408889634
 def _extend_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, kvl_ptr, item_seq_ptr, item_q_ptr, out_ptr, lse_ptr,
                    s_qt, s_qh, s_cp, s_ch, s_ct, s_bt, s_ot, s_oh, s_lt, scale_log2, P,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, OWN_ONLY: tl.constexpr):
     item = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.load(item_seq_ptr + item).to(tl.int64)
@@ -46,7 +47,8 @@ def _extend_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, kvl_ptr, item_seq_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for t0 in range(0, kv_end, BLOCK_N):
+    kv_start = L - qn if OWN_ONLY else 0  # OWN_ONLY: the new tokens only (tree_extend's causal part)
+    for t0 in range(kv_start, kv_end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tm = t < kv_end
         page = tl.load(bt_ptr + b * s_bt + t // P, mask=tm, other=0).to(tl.int64)
@@ -87,7 +89,7 @@ def block_q_for(g: int) -> int:
 
 def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  cu_q: torch.Tensor, kv_lens: torch.Tensor, scale: float | None = None, items=None,
-                 block_n: int = 16):
+                 block_n: int = 16, own_only: bool = False):
     """q [T, H_q, D] (sequence b owns rows cu_q[b]:cu_q[b+1]); caches [num_pages, H_kv, P, D]
     contiguous in q's dtype; block_tables [B, max_pages] int32; cu_q [B + 1] and kv_lens [B]
     integer tensors on q's device. `items` (from `extend_items`) may be reused across layers.
@@ -118,5 +120,74 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0), out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, P,
             G=g, D=D, BLOCK_Q=bq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d_for(D),
-            PREC="ieee" if q.dtype == torch.float32 else "tf32")
+            PREC="ieee" if q.dtype == torch.float32 else "tf32", OWN_ONLY=own_only)
+    return out, lse
+
+
+@dataclass
+class ExtendPlan:
+    """Host-side plan of a tree-aware extend (built once per step, reused by every layer)."""
+
+    tree: object  # TreePlan over the cached context, one virtual leaf per new token with a context
+    tree_tok: torch.Tensor  # [V] flat token index of each virtual leaf
+    tree_items: tuple
+    block_tables: torch.Tensor
+    cu_q: torch.Tensor
+    kv_lens: torch.Tensor
+    items: tuple
+
+
+def plan_extend(tables: list[list[int]], kv_lens: list[int], q_lens: list[int], page_size: int, g: int,
+                device, min_fanout: int = 2, max_unit_pages: int | None = 64) -> ExtendPlan:
+    """Plan `tree_extend` for B sequences: sequence b has q_lens[b] new tokens on top of
+    kv_lens[b] - q_lens[b] cached ones, in pages tables[b] (host lists, as the engine holds them)."""
+    from .tree_plan import plan_tree
+    from .triton_tree_decode import tile_for, work_items
+
+    v_tables, v_lens, v_tok = [], [], []
+    start = 0
+    for t, L, n in zip(tables, kv_lens, q_lens):
+        if L > n:  # the cached context, once per new token (identical rows: one unit, read once)
+            v_tables += [t] * n
+            v_lens += [L - n] * n
+            v_tok += range(start, start + n)
+        start += n
+    tree, tree_items = None, None
+    if v_tok:
+        tree = plan_tree(v_tables, v_lens, page_size, min_fanout=min_fanout, max_unit_pages=max_unit_pages)
+        tree_items = tuple(x.to(device) for x in work_items(tree, tile_for(tree, g)[1], "cpu"))
+        tree = tree.to(device)
+    max_pages = max(-(-L // page_size) for L in kv_lens)
+    bt = torch.zeros(len(tables), max_pages, dtype=torch.int32)
+    for b, (t, L) in enumerate(zip(tables, kv_lens)):
+        n_pages = -(-L // page_size)
+        bt[b, :n_pages] = torch.tensor(t[:n_pages], dtype=torch.int32)
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor(q_lens).cumsum(0)
+    items = extend_items(list(q_lens), block_q_for(g), device)
+    return ExtendPlan(tree, torch.tensor(v_tok, dtype=torch.int64, device=device), tree_items, bt.to(device),
+                      cu.to(device), torch.tensor(kv_lens, dtype=torch.int64, device=device), items)
+
+
+def tree_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: ExtendPlan,
+                scale: float | None = None):
+    """Tree-aware extend: the new tokens of many branches at once. Their cached context goes
+    through the tree-decode kernels (a node shared by several branches, and a branch's own context
+    for all its new tokens, is read once); the new tokens attend causally among themselves with the
+    extend kernel; the two parts are merged by LSE. Same contract as `paged_extend`."""
+    from .triton_tree_decode import tree_decode
+
+    out, lse = paged_extend(q, k_cache, v_cache, plan.block_tables, plan.cu_q, plan.kv_lens, scale,
+                            items=plan.items, own_only=True)
+    if plan.tree is None:
+        return out, lse
+    o_ctx, lse_ctx = tree_decode(q[plan.tree_tok].contiguous(), k_cache, v_cache, plan.tree, scale,
+                                 items=plan.tree_items)
+    o_own, lse_own = out[plan.tree_tok].float(), lse[plan.tree_tok]
+    m = torch.maximum(lse_ctx, lse_own)
+    w_ctx, w_own = torch.exp(lse_ctx - m), torch.exp(lse_own - m)
+    total = w_ctx + w_own
+    merged = (o_ctx.float() * w_ctx[..., None] + o_own * w_own[..., None]) / total[..., None]
+    out[plan.tree_tok] = merged.to(out.dtype)
+    lse[plan.tree_tok] = m + torch.log(total)
     return out, lse
