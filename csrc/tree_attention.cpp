@@ -71,13 +71,24 @@ void convert(const T* src, float* dst, int n) {
 // Per-task scratch, reused across tasks run by one thread.
 struct Scratch {
   std::vector<float> q, o, m, l, alpha, k, kt, v, s;
-  void ensure(int rows, int D, int P) {
+  std::vector<int> limit;
+  // sized for `rows` query rows, with empty softmax state (o = 0, m = -inf, l = 0)
+  void start(int rows, int D, int P) {
     int PB = (P + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
     if ((int)q.size() < rows * D) q.resize(rows * D), o.resize(rows * D);
-    if ((int)m.size() < rows) m.resize(rows), l.resize(rows), alpha.resize(rows);
+    if ((int)m.size() < rows) m.resize(rows), l.resize(rows), alpha.resize(rows), limit.resize(rows);
     if ((int)s.size() < rows * PB) s.resize(rows * PB);
     if ((int)k.size() < P * D) k.resize(P * D), v.resize(P * D);
     if ((int)kt.size() < D * PB) kt.resize(D * PB);
+    std::fill(o.begin(), o.begin() + rows * D, 0.0f);
+    std::fill(m.begin(), m.begin() + rows, kNegInf);
+    std::fill(l.begin(), l.begin() + rows, 0.0f);
+  }
+  // query rows row0 .. row0+g-1: the g heads (contiguous in q) of one token, scaled
+  template <typename T>
+  void load_heads(int row0, const T* src, int g, int D, float scale) {
+    float* dst = q.data() + (int64_t)row0 * D;
+    for (int i = 0; i < g * D; ++i) dst[i] = to_float(src[i]) * scale;
   }
 };
 
@@ -324,18 +335,9 @@ void tree_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::
   run_tasks((int64_t)tasks.size(), [&](Scratch& sc, int64_t ti) {
     const Task& tk = tasks[ti];
     const int rows = (tk.leaf1 - tk.leaf0) * g;
-    sc.ensure(rows, D, P);
-    for (int i = 0; i < tk.leaf1 - tk.leaf0; ++i) {
-      const int64_t leaf = unit_leaves[tk.leaf0 + i];
-      for (int j = 0; j < g; ++j) {
-        const T* src = qd + (leaf * Hq + tk.head * g + j) * D;
-        float* dst = sc.q.data() + (i * g + j) * D;
-        for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
-      }
-    }
-    std::fill(sc.o.begin(), sc.o.begin() + rows * D, 0.0f);
-    std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
-    std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
+    sc.start(rows, D, P);
+    for (int i = 0; i < tk.leaf1 - tk.leaf0; ++i)
+      sc.load_heads(i * g, qd + ((int64_t)unit_leaves[tk.leaf0 + i] * Hq + tk.head * g) * D, g, D, scale);
     const int32_t p0 = unit_page_ptr[tk.unit];
     attend<T>(sc, rows, D, nullptr, kc, vc, page_stride, (int64_t)tk.head * P * D, P, unit_pages + p0,
               unit_len[tk.unit], 0);
@@ -466,20 +468,13 @@ void extend_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   run_tasks((int64_t)tasks.size(), [&](Scratch& sc, int64_t ti) {
     const Task& tk = tasks[ti];
     const int n_q = tk.tok1 - tk.tok0, rows = n_q * g;
-    sc.ensure(rows, D, P);
-    std::vector<int> limit(rows);
+    sc.start(rows, D, P);
     const int64_t first_pos = kv_lens[tk.seq] - (cu_q[tk.seq + 1] - tk.tok0);  // position of the first query
-    for (int i = 0; i < n_q; ++i)
-      for (int j = 0; j < g; ++j) {
-        const T* src = qd + ((tk.tok0 + i) * Hq + tk.head * g + j) * D;
-        float* dst = sc.q.data() + (i * g + j) * D;
-        for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
-        limit[i * g + j] = (int)(first_pos + i + 1);
-      }
-    std::fill(sc.o.begin(), sc.o.begin() + rows * D, 0.0f);
-    std::fill(sc.m.begin(), sc.m.begin() + rows, kNegInf);
-    std::fill(sc.l.begin(), sc.l.begin() + rows, 0.0f);
-    attend<T>(sc, rows, D, limit.data(), kc, vc, page_stride, tk.head * P * D, P, tables + tk.seq * max_pages,
+    for (int i = 0; i < n_q; ++i) {
+      sc.load_heads(i * g, qd + ((tk.tok0 + i) * Hq + tk.head * g) * D, g, D, scale);
+      std::fill(sc.limit.begin() + i * g, sc.limit.begin() + (i + 1) * g, (int)(first_pos + i + 1));
+    }
+    attend<T>(sc, rows, D, sc.limit.data(), kc, vc, page_stride, tk.head * P * D, P, tables + tk.seq * max_pages,
               (int)(first_pos + n_q), 0);
     for (int i = 0; i < n_q; ++i)
       for (int j = 0; j < g; ++j) {
