@@ -55,6 +55,18 @@ class AttentionMetadata:
                    [list(t[: -(-L // P)]) for t, L in zip(tables, kv_lens)], P)
 
 
+    def rows(self, decode: bool) -> tuple[list[int], torch.Tensor | None]:
+        """The decode rows (one new token) or the extend rows (several), and the flat indices of
+        their tokens - None when they are all the step's tokens (no gather needed)."""
+        rows = [b for b, n in enumerate(self.q_lens) if (n == 1) == decode]
+        if len(rows) == len(self.q_lens):
+            return rows, None
+        if decode:
+            return rows, self.cu_q[rows]
+        tok = [t for b in rows for t in range(int(self.cu_q[b]), int(self.cu_q[b + 1]))]
+        return rows, torch.tensor(tok, dtype=torch.int64, device=self.cu_q.device)
+
+
 class TorchBackend:
     """Batched plain-PyTorch attention over the paged pool.
 

@@ -29,20 +29,16 @@ class CpuBackend:
 
     def plan(self, meta, kv: PagedKVCache, num_q_heads: int):
         plan = {}
-        dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
+        dec, tok = meta.rows(decode=True)
         if dec:
             tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
                              min_fanout=self.min_fanout)
-            tok = None if len(dec) == len(meta.q_lens) else meta.cu_q[dec]
             plan["decode"] = (tree, tok)
-        ext = [b for b, n in enumerate(meta.q_lens) if n > 1]
+        ext, tok = meta.rows(decode=False)
         if ext:
             q_lens = torch.tensor([meta.q_lens[b] for b in ext])
             cu = torch.zeros(len(ext) + 1, dtype=torch.int64)
             cu[1:] = q_lens.cumsum(0)
-            tok = None
-            if len(ext) < len(meta.q_lens):
-                tok = torch.cat([torch.arange(int(meta.cu_q[b]), int(meta.cu_q[b + 1])) for b in ext])
             plan["extend"] = (meta.block_tables[ext].contiguous(), cu,
                               torch.tensor([meta.kv_lens[b] for b in ext], dtype=torch.int64), tok)
         return plan

@@ -43,7 +43,7 @@ class TritonBackend:
         dev = meta.block_tables.device
         g = num_q_heads // kv.num_kv_heads
         plan = {}
-        dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
+        dec, tok = meta.rows(decode=True)
         if dec:
             # planned on the host, then copied once: no device-to-host sync in the step
             tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
@@ -51,13 +51,9 @@ class TritonBackend:
             items = triton_tree_decode.work_items(tree, triton_tree_decode.tile_for(tree, g)[1], "cpu")
             tree = tree.to(dev)
             items = tuple(t.to(dev, non_blocking=True) for t in items)
-            tok = None if len(dec) == len(meta.q_lens) else meta.cu_q[dec]
             plan["decode"] = (tree, items, tok)
-        ext = [b for b, n in enumerate(meta.q_lens) if n > 1]
+        ext, tok = meta.rows(decode=False)
         if ext:  # tree-aware extend: a context shared by several rows is read once
-            tok = None
-            if len(ext) < len(meta.q_lens):
-                tok = torch.cat([torch.arange(int(meta.cu_q[b]), int(meta.cu_q[b + 1])) for b in ext]).to(dev)
             xplan = triton_extend.plan_extend([meta.tables[b] for b in ext], [meta.kv_lens[b] for b in ext],
                                               [meta.q_lens[b] for b in ext], kv.page_size, g, dev,
                                               min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages)
