@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import assert_close, tiny_hf_model
-from kernel_cases import EXTRA_SHAPES, TOL, extend_case, tree_case
+from kernel_cases import EXTRA_SHAPES, TOL, assert_greedy_parity, assert_tree_parity, extend_case, tree_case
 from test_tree_plan import SHAPES
-from treepo import Engine, SamplingParams, TreeConfig, TreeSampler
+from treepo import Engine, TreeConfig
 from treepo_kernels import append_kv_ref, paged_attention_ref
 from treepo_kernels import cpu as kernels
 from treepo_kernels.tree_decode import tree_decode_ref
@@ -127,32 +127,12 @@ def hf():
 
 
 def test_engine_greedy_parity_with_torch_backend(hf):
-    prompts = [[5, 9, 33, 7, 100], list(range(10, 31)), [42]]
-    outs = {}
-    for backend in ("torch", "cpu"):
-        eng = Engine.from_model(hf, num_pages=256, page_size=4, attention_backend=backend)
-        assert eng.backend.name == backend
-        outs[backend] = eng.generate(prompts, SamplingParams(n=3, temperature=0.0, max_tokens=24, ignore_eos=True))
-    for a, b in zip(outs["torch"], outs["cpu"]):
-        for x, y in zip(a, b):
-            assert x.token_ids == y.token_ids
-            assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-4)
+    assert_greedy_parity(hf, "cpu", max_tokens=24)
 
 
 def test_engine_tree_parity_with_torch_backend(hf):
-    prompts = [[5, 9, 33, 7, 100], list(range(10, 31))]
     cfg = TreeConfig(segment_len=5, max_depth=4, max_width=8, branch_factor=2, rep_count=0, seed=3)
-    trees = {}
-    for backend in ("torch", "cpu"):
-        eng = Engine.from_model(hf, num_pages=4096, page_size=4, attention_backend=backend)
-        eng.eos_token_ids = set(range(1, 20))
-        trees[backend] = TreeSampler(eng, cfg).sample(prompts, SamplingParams(seed=3, temperature=1.0))
-        assert eng.kv.num_used == 0
-    for a, b in zip(trees["torch"], trees["cpu"]):
-        assert [(l.token_ids, l.finish_reason, l.from_fallback) for l in a.leaves] == \
-               [(l.token_ids, l.finish_reason, l.from_fallback) for l in b.leaves]
-        for la, lb in zip(a.leaves, b.leaves):
-            assert_close(torch.tensor(lb.logprobs), torch.tensor(la.logprobs), atol=1e-4)
+    assert_tree_parity(hf, "cpu", cfg, num_pages=4096)
 
 
 def test_auto_picks_cpu_backend_on_cpu(hf):

@@ -8,9 +8,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 from helpers import assert_close, tiny_hf_model  # noqa: E402
-from kernel_cases import EXTRA_SHAPES, TOL, extend_case, tree_case  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    EXTRA_SHAPES, TOL, assert_greedy_parity, assert_tree_parity, extend_case, tree_case)
 from test_tree_plan import SHAPES  # noqa: E402
-from treepo import Engine, SamplingParams, TreeConfig, TreeSampler  # noqa: E402
+from treepo import TreeConfig  # noqa: E402
 from treepo_kernels import append_kv_ref, paged_attention_ref  # noqa: E402
 from treepo_kernels.tree_decode import tree_decode_ref  # noqa: E402
 from treepo_kernels.tree_plan import plan_tree  # noqa: E402
@@ -240,32 +241,12 @@ def hf():
 
 
 def test_engine_greedy_parity_with_torch_backend(hf):
-    prompts = [[5, 9, 33, 7, 100], list(range(10, 31)), [42]]
-    outs = {}
-    for backend in ("torch", "triton"):
-        eng = Engine.from_model(hf, num_pages=256, page_size=4, attention_backend=backend, device=DEV)
-        assert eng.backend.name == backend
-        outs[backend] = eng.generate(prompts, SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True))
-    for a, b in zip(outs["torch"], outs["triton"]):
-        for x, y in zip(a, b):
-            assert x.token_ids == y.token_ids
-            assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-4)
+    assert_greedy_parity(hf, "triton", max_tokens=12, device=DEV)
 
 
 def test_engine_tree_parity_with_torch_backend(hf):
-    prompts = [[5, 9, 33, 7, 100], list(range(10, 31))]
     cfg = TreeConfig(segment_len=4, max_depth=3, max_width=6, branch_factor=2, rep_count=0, seed=3)
-    trees = {}
-    for backend in ("torch", "triton"):
-        eng = Engine.from_model(hf, num_pages=1024, page_size=4, attention_backend=backend, device=DEV)
-        eng.eos_token_ids = set(range(1, 20))
-        trees[backend] = TreeSampler(eng, cfg).sample(prompts, SamplingParams(seed=3, temperature=1.0))
-        assert eng.kv.num_used == 0
-    for a, b in zip(trees["torch"], trees["triton"]):
-        assert [(x.token_ids, x.finish_reason, x.from_fallback) for x in a.leaves] == \
-               [(x.token_ids, x.finish_reason, x.from_fallback) for x in b.leaves]
-        for la, lb in zip(a.leaves, b.leaves):
-            assert_close(torch.tensor(lb.logprobs), torch.tensor(la.logprobs), atol=1e-4)
+    assert_tree_parity(hf, "triton", cfg, num_pages=1024, device=DEV)
 
 
 # ------------------------------------------------------------------------------ GPU only
