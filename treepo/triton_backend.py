@@ -12,7 +12,11 @@ import os
 
 import torch
 
+from treepo_kernels import triton_extend, triton_tree_decode
 from treepo_kernels.tree_plan import plan_tree
+from treepo_kernels.triton_extend import tree_extend
+from treepo_kernels.triton_paged_kv import append_kv
+from treepo_kernels.triton_tree_decode import tree_decode
 
 from .kv_cache import PagedKVCache
 
@@ -27,10 +31,7 @@ class TritonBackend:
 
     @staticmethod
     def available(device: torch.device) -> tuple[bool, str]:
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return False, f"triton is not installed ({e})"
+        # (without triton this module does not import: attention.backend_status reports that)
         if device.type == "cuda":
             return True, ""
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -38,8 +39,6 @@ class TritonBackend:
         return False, f"needs CUDA (or TRITON_INTERPRET=1 on a CPU), not {device.type}"
 
     def plan(self, meta, kv: PagedKVCache, num_q_heads: int):
-        from treepo_kernels import triton_extend, triton_tree_decode
-
         dev = meta.block_tables.device
         g = num_q_heads // kv.num_kv_heads
         plan = {}
@@ -61,10 +60,6 @@ class TritonBackend:
         return plan
 
     def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan):
-        from treepo_kernels.triton_extend import tree_extend
-        from treepo_kernels.triton_paged_kv import append_kv
-        from treepo_kernels.triton_tree_decode import tree_decode
-
         append_kv(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
         q = q.to(kv.k.dtype)
         out = None if len(plan) == 1 else torch.empty_like(q)
