@@ -84,6 +84,11 @@ def cmd_info(args):
         status[name] = "available" + (f" ({why})" if why else "") if ok else f"unavailable: {why}"
     info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": device,
             "attention_backends": status, "auto_backend": make_backend("auto", device).name}
+    from treepo_kernels import cpu as kernels
+
+    impl = kernels.gemm_impl()
+    info["cpu_packed_gemm"] = (f"{impl}: used for bf16 models on the CPU" if impl == "avx512bf16" else
+                               f"not used ({impl or 'extension not built'})")
     try:
         import triton
         info["triton"] = triton.__version__

@@ -50,7 +50,8 @@ DEFAULT_KV_MEMORY_CPU = 2 << 30
 class Engine:
     def __init__(self, model: CausalLM, tokenizer=None, device=None, attention_backend: str = "auto",
                  kv_cache_memory: int | None = None, num_pages: int | None = None, page_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None):
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+                 packed_weights: bool | None = None):
         cfg = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -70,13 +71,27 @@ class Engine:
                     kv_cache_memory = int(free * 0.6)
             self.kv = PagedKVCache.from_memory(kv_cache_memory, *kv_args, page_size, self.dtype, self.device)
         self.backend = make_backend(attention_backend, self.device)
-        self.runner = Runner(self.model, self.kv, self.backend, self.device)
+        self.runner = Runner(self.model, self.kv, self.backend, self.device, self._packed(packed_weights))
         self.eos_token_ids = set(cfg.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.stats = EngineStats(kv_pages_total=self.kv.num_pages)
 
     # ------------------------------------------------------------------ construction
+    def _packed(self, want: bool | None):
+        """The prepacked-GEMM forward (treepo/packed_model.py): None (auto) uses it where it works
+        (CPU, bf16, extension built with AVX512-BF16); True insists; False never."""
+        if want is False:
+            return None
+        from .packed_model import PackedModel, packed_status
+
+        ok, why = packed_status(self.model, self.device)
+        if not ok:
+            if want:
+                raise ValueError(f"packed_weights=True but the packed CPU GEMMs cannot run: {why}")
+            return None
+        return PackedModel(self.model)
+
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, attention_backend: str = "auto", **kw):
         model = load_model(path, dtype=dtype, device=device)

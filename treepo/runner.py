@@ -47,8 +47,9 @@ class Sequence:
 class Runner:
     """Owns the model, the KV pool and the attention backend; counts work done."""
 
-    def __init__(self, model: CausalLM, kv: PagedKVCache, backend, device):
+    def __init__(self, model: CausalLM, kv: PagedKVCache, backend, device, packed=None):
         self.model, self.kv, self.backend, self.device = model, kv, backend, torch.device(device)
+        self.packed = packed  # a PackedModel (CPU, prepacked bf16 GEMMs) or None
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "forward_passes": 0}
 
     @torch.inference_mode()
@@ -72,9 +73,14 @@ class Runner:
         attn = PagedAttention(self.backend, meta, self.kv, self.model.config.num_heads)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, attn=attn)  # [T, hidden]
         last = meta.cu_q[1:] - 1
-        logits = self.model.logits(hidden[last.to(self.device)]).float()  # [B, V]
+        if self.packed is not None:
+            self.packed.refresh()
+            hidden = self.packed.forward(input_ids, positions, attn)
+            logits = self.packed.logits(hidden[last])
+        else:
+            hidden = self.model(input_ids, positions, attn=attn)  # [T, hidden]
+            logits = self.model.logits(hidden[last.to(self.device)]).float()  # [B, V]
         for s in seqs:
             s.num_cached = s.num_tokens
         self.counters["prefill_tokens"] += prefill

@@ -63,3 +63,25 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return torch.ops.treepo.paged_extend(q, k_cache, v_cache, block_tables.int().contiguous(),
                                          cu_q.long().contiguous(), kv_lens.long().contiguous(), scale)
+
+
+def gemm_impl() -> str:
+    """"avx512bf16" (the fast packed GEMM), "portable" (a correct but slow loop: built for a CPU
+    without AVX512-BF16) or "" when the extension is not built."""
+    return torch.ops.treepo.gemm_impl() if status()[0] else ""
+
+
+def pack_linear(w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """A bf16 weight [N, K] (K even) packed for `linear_packed`: [ceil(N/16), K/2, 32] bf16, blocks of
+    16 output columns with K in pairs. gated: w = cat([gate, up]) [2I, K], gate and up blocks
+    interleaved so that `linear_packed(..., gated=True)` returns silu(x gate^T) * (x up^T)."""
+    _need()
+    return torch.ops.treepo.pack_linear(w.detach().to(torch.bfloat16), gated)
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, n_out: int, gated: bool = False,
+                  fp32_out: bool = False, _impl: int = 0) -> torch.Tensor:
+    """x [M, K] bf16 times a packed weight: [M, n_out] bf16 (fp32 with fp32_out), fp32 accumulation.
+    _impl=1 forces the portable loop (tests)."""
+    _need()
+    return torch.ops.treepo.linear_packed(x.contiguous(), packed, n_out, gated, fp32_out, _impl)
