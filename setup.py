@@ -32,7 +32,7 @@ if os.environ.get("TREEPO_NO_EXT") != "1":
                           "plain-PyTorch attention", file=sys.stderr)
                     self.extensions = []  # nothing to copy or install afterwards
 
-        ext_modules = [CppExtension("treepo_kernels._C", ["csrc/tree_attention.cpp", "csrc/linear.cpp", "csrc/module.cpp"],
+        ext_modules = [CppExtension("treepo_kernels._C", ["csrc/tree_attention.cpp", "csrc/linear.cpp", "csrc/layer_ops.cpp", "csrc/module.cpp"],
                                     extra_compile_args=flags, extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": OptionalBuild.with_options(use_ninja=False)}
 

@@ -135,3 +135,43 @@ def test_packed_weights_true_where_impossible_is_an_error():
     with pytest.raises(ValueError, match="packed_weights=True"):
         Engine.from_model(hf, num_pages=8, packed_weights=True)
     assert Engine.from_model(hf, num_pages=8).runner.packed is None
+
+
+# ------------------------------------------------------------------ fused layer ops (csrc/layer_ops.cpp)
+def test_rms_norm_ops_match_the_model_norm():
+    from treepo.model import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    for T, H in [(1, 8), (5, 48), (37, 576)]:
+        norm = RMSNorm(H, 1e-5).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(H, generator=g))
+        x = (torch.randn(T, H, generator=g) * 3).bfloat16()
+        r = torch.randn(T, H, generator=g).bfloat16()
+        ref = norm(x)
+        # the same roundings as the model; only the fp32 sum of squares may differ in order
+        assert_close(torch.ops.treepo.rms_norm(x, norm.weight, 1e-5), ref, atol=0, rtol=2**-7)
+        x2 = x.clone()
+        y = torch.ops.treepo.add_rms_norm(x2, r, norm.weight, 1e-5)
+        assert torch.equal(x2, x + r)  # the residual stream, in place, rounded as torch rounds
+        assert_close(y, norm(x + r), atol=0, rtol=2**-7)
+    with pytest.raises(RuntimeError, match="w has"):
+        torch.ops.treepo.rms_norm(x, torch.ones(3).bfloat16(), 1e-5)
+
+
+def test_rope_qkv_matches_the_model_rotary_embedding():
+    from treepo.model import rotate_half
+
+    g = torch.Generator().manual_seed(1)
+    for T, Hq, Hkv, D in [(1, 2, 1, 4), (7, 9, 3, 64), (3, 8, 8, 16)]:
+        qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g).bfloat16()
+        ang = torch.rand(T, D // 2, generator=g) * 50
+        cos, sin = torch.cat([ang, ang], -1).cos().bfloat16(), torch.cat([ang, ang], -1).sin().bfloat16()
+        q, k, v = torch.ops.treepo.rope_qkv(qkv, cos, sin, Hq, Hkv)
+        rq, rk, rv = qkv.float().split([Hq * D, Hkv * D, Hkv * D], -1)
+        c, s = cos.float()[:, None], sin.float()[:, None]
+        for out, x in ((q, rq.view(T, Hq, D)), (k, rk.view(T, Hkv, D))):
+            assert_close(out, x * c + rotate_half(x) * s, atol=1e-2, rtol=2**-7)  # fp32 math, one rounding
+        assert torch.equal(v, qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D))
+    with pytest.raises(RuntimeError, match="not \\(Hq \\+ 2 Hkv\\)"):
+        torch.ops.treepo.rope_qkv(qkv, cos, sin, Hq + 1, Hkv)

@@ -9,8 +9,9 @@ seven.
 
 `PackedModel(model)` holds the packed copies (as much memory again as the weights) and repacks
 when any parameter changed (the trainer copies new weights into the engine's model in place,
-which bumps each tensor's version counter). The math is the model's own: same norms and rotary
-embedding (its modules are called), fp32 accumulation with one bf16 rounding per GEMM as torch's.
+which bumps each tensor's version counter). The math is the model's: RMSNorm and the rotary embedding run as fused C++ ops
+(csrc/layer_ops.cpp, one op where PyTorch dispatches eight or twelve), each GEMM accumulates in
+fp32 and rounds once to bf16 as torch's does.
 Used by the engine on a CPU for bf16 models when the extension was built with AVX512-BF16.
 """
 from __future__ import annotations
@@ -88,32 +89,35 @@ class PackedModel:
     @torch.inference_mode()
     def forward(self, input_ids, positions, attn):
         m, cfg = self.model, self.model.config
-        H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        H, I, D, eps = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.rms_norm_eps
         nq, nkv = self.sizes
-        x = m.model.embed_tokens(input_ids)
+        ops = torch.ops.treepo
+        layers = m.model.layers
+        x = m.model.embed_tokens(input_ids)  # the residual stream, updated in place
         T = x.shape[0]
         cos, sin = m.rope(positions, x.dtype)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        for i, (layer, p) in enumerate(zip(m.model.layers, self.layers)):
+        h = ops.rms_norm(x, layers[0].input_layernorm.weight, eps)
+        for i, (layer, p) in enumerate(zip(layers, self.layers)):
             a = layer.self_attn
-            qkv = self._linear(layer.input_layernorm(x), p["qkv"], p["qkv_n"], p["qkv_b"])
-            q = qkv[:, :nq].view(T, cfg.num_heads, D)
-            k = qkv[:, nq:nq + nkv].view(T, cfg.num_kv_heads, D)
-            v = qkv[:, nq + nkv:].contiguous().view(T, cfg.num_kv_heads, D)
+            qkv = self._linear(h, p["qkv"], p["qkv_n"], p["qkv_b"])
             if a.qk_norm:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            o = attn(i, q, k, v)
-            x = x + self._linear(o.reshape(T, nq), p["o"], H, p["o_b"])
-            h = layer.post_attention_layernorm(x)
+                q = a.q_norm(qkv[:, :nq].view(T, cfg.num_heads, D))
+                k = a.k_norm(qkv[:, nq:nq + nkv].view(T, cfg.num_kv_heads, D))
+                v = qkv[:, nq + nkv:].contiguous().view(T, cfg.num_kv_heads, D)
+                c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+                q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+            else:
+                q, k, v = ops.rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads)
+            o = self._linear(attn(i, q, k, v).reshape(T, nq), p["o"], H, p["o_b"])
+            h = ops.add_rms_norm(x, o, layer.post_attention_layernorm.weight, eps)
             if p["gu_b"] is None:
                 g = kernels.linear_packed(h, p["gu"], I, gated=True)
             else:
                 gate = self._linear(h, p["gu"][0], I, p["gu_b"][0])
                 g = torch.nn.functional.silu(gate) * self._linear(h, p["gu"][1], I, p["gu_b"][1])
-            x = x + self._linear(g, p["down"], H, p["down_b"])
-        return m.model.norm(x)
+            nxt = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else m.model.norm.weight
+            h = ops.add_rms_norm(x, self._linear(g, p["down"], H, p["down_b"]), nxt, eps)
+        return h  # the final norm of the residual stream
 
     @torch.inference_mode()
     def logits(self, hidden):
