@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import assert_close, tiny_hf_model
-from treepo import Engine, SamplingParams, TreeConfig, TreeSampler, trees_to_batch
+from treepo import Engine, KVCacheExhausted, SamplingParams, TreeConfig, TreeSampler, trees_to_batch
 from treepo.text_rules import boxed_spans, has_repetition, last_boxed_content
 from treepo.tree_sampler import _Path, _TreeState
 
@@ -238,6 +238,36 @@ def test_tree_saves_compute_and_frees_everything(hf):
         unique = sum(len(n.token_ids) for n in t.nodes)
         assert t.stats.decode_tokens == unique - W
     assert trees[0].stats.peak_kv_pages < seqs[0].stats.peak_kv_pages
+
+
+def test_page_bound_holds_for_one_tree_and_admits_waves(hf):
+    """The admission bound (live paths + kept leaves <= W, one chain of pages each, no sharing
+    assumed) is never exceeded by a tree, over configs that branch, fall back and stop early; a
+    pool of exactly two bounds runs three prompts in two waves."""
+    worst = 0.0
+    for ci, conf in enumerate(CONFIGS):
+        for seed in range(4):
+            cfg = TreeConfig(**conf, rep_count=0, seed=seed)
+            eng = engine(hf, eos=range(1, 12 + 15 * seed), page_size=2)
+            sampler = TreeSampler(eng, cfg)
+            for p in PROMPTS:
+                tree = sampler.sample([p], SamplingParams(seed=seed))[0]
+                bound = sampler._page_bound(len(p))
+                assert tree.stats.peak_kv_pages <= bound, (ci, seed, len(p))
+                worst = max(worst, tree.stats.peak_kv_pages / bound)
+    assert worst > 0.3  # the cases come near the bound: the check has teeth
+    cfg = TreeConfig(**CONFIGS[0], rep_count=0)
+    probe = TreeSampler(engine(hf), cfg)
+    need = max(probe._page_bound(len(p)) for p in PROMPTS)
+    eng = engine(hf, num_pages=2 * need)
+    trees = TreeSampler(eng, cfg).sample(PROMPTS, SamplingParams(seed=0))
+    assert [len(t.leaves) for t in trees] == [cfg.max_width] * 3 and eng.kv.num_used == 0
+    together = TreeSampler(engine(hf), cfg).sample(PROMPTS, SamplingParams(seed=0))
+    for a, b in zip(trees, together):  # waves change nothing
+        assert [(x.token_ids, x.finish_reason, x.path) for x in a.leaves] == \
+               [(x.token_ids, x.finish_reason, x.path) for x in b.leaves]
+    with pytest.raises(KVCacheExhausted):  # one prompt's bound does not fit: refused before any work
+        TreeSampler(engine(hf, num_pages=need - 1), cfg).sample(PROMPTS, SamplingParams(seed=0))
 
 
 def test_same_seed_same_trees(hf):

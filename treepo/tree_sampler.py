@@ -121,9 +121,16 @@ class TreeSampler:
 
     # ------------------------------------------------------------------ one wave of prompts
     def _page_bound(self, prompt_len: int) -> int:
+        """Pages one prompt's tree can hold at once, assuming nothing is shared.
+
+        Live paths plus kept leaves never exceed W: a level starts with at most W - F live paths
+        (F = leaves so far); its f finished ones become leaves, so the a survivors are at most
+        W - F - f = W - F_new, and both the budget `total = max(a, min(W - F, b (a + f)))` and a
+        fallback's min(b, W - F) children keep that. Each holds at most one full-length chain of
+        pages (+1 for a fork's copied tail page); one more chain covers a fallback stub."""
         P, W = self.engine.kv.page_size, self.config.max_width
         per_path = -(-(prompt_len + self.config.max_response_len + 1) // P) + 1
-        return (2 * W + 1) * per_path  # W live paths + W kept leaves + fallback stubs, no sharing
+        return (W + 1) * per_path
 
     def _run_wave(self, states: list[_TreeState], idx: list[int], params):
         cfg, eng = self.config, self.engine
