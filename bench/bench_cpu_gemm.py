@@ -12,24 +12,12 @@ Usage:
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, result_line  # noqa: E402
-
-
-def median_ms(f, repeat):
-    f()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+from common import median_ms, print_table, result_line  # noqa: E402
 
 
 def gemm_rows(args, rows_list):

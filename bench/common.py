@@ -1,8 +1,10 @@
-"""Shared bits of the benchmarks: machine description, prompts, result line."""
+"""Shared bits of the benchmarks: machine description, prompts, result line, a median timer."""
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 
@@ -60,3 +62,14 @@ def _fmt(v):
 
 def result_line(name: str, payload: dict):
     print(json.dumps({"bench": name, "machine": machine(), **payload}))
+
+
+def median_ms(f, repeat: int) -> float:
+    """Median wall time of f() in ms over `repeat` calls, after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
