@@ -20,23 +20,10 @@
 #include <cstring>
 #include <tuple>
 
+#include "bf16.h"
+
 namespace treepo {
 namespace {
-
-inline float bf(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t to_bf(float f) {  // round to nearest even, NaN kept
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 const uint16_t* cptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* mptr(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
@@ -51,11 +38,14 @@ void norm_rows(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t t0, in
     const uint16_t* xr = x + t * H;
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < H; ++i) ss += bf(xr[i]) * bf(xr[i]);
+    for (int64_t i = 0; i < H; ++i) ss += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
     const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
     uint16_t* yr = y + t * H;
 #pragma omp simd
-    for (int64_t i = 0; i < H; ++i) yr[i] = to_bf(bf(w[i]) * bf(to_bf(bf(xr[i]) * r)));
+    for (int64_t i = 0; i < H; ++i) {
+      const float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * r));  // x.to(bf16) as the model
+      yr[i] = float_to_bf16(bf16_to_float(w[i]) * normed);
+    }
   }
 }
 
@@ -85,7 +75,7 @@ at::Tensor add_rms_norm(at::Tensor x, const at::Tensor& r, const at::Tensor& w, 
   const uint16_t *rp = cptr(r), *wp = cptr(w);
   uint16_t* yp = mptr(y);
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t i = t0 * H; i < t1 * H; ++i) xp[i] = to_bf(bf(xp[i]) + bf(rp[i]));
+    for (int64_t i = t0 * H; i < t1 * H; ++i) xp[i] = float_to_bf16(bf16_to_float(xp[i]) + bf16_to_float(rp[i]));
     norm_rows(xp, wp, yp, t0, t1, H, (float)eps);
   });
   return y;
@@ -116,9 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_qkv(const at::Tensor& qkv, c
         // rotate_half(x) = [-x2, x1]
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          const float x1 = bf(in[i]), x2 = bf(in[i + half]);
-          out[i] = to_bf(x1 * bf(c[i]) - x2 * bf(s[i]));
-          out[i + half] = to_bf(x2 * bf(c[i + half]) + x1 * bf(s[i + half]));
+          const float x1 = bf16_to_float(in[i]), x2 = bf16_to_float(in[i + half]);
+          out[i] = float_to_bf16(x1 * bf16_to_float(c[i]) - x2 * bf16_to_float(s[i]));
+          out[i + half] = float_to_bf16(x2 * bf16_to_float(c[i + half]) + x1 * bf16_to_float(s[i + half]));
         }
       }
       std::memcpy(vp + t * Hkv * D, row + (Hq + Hkv) * D, Hkv * D * sizeof(uint16_t));

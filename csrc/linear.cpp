@@ -26,6 +26,8 @@
 #include <cstring>
 #include <utility>
 
+#include "bf16.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define TREEPO_AVX512BF16 1
@@ -35,21 +37,6 @@ namespace treepo {
 namespace {
 
 constexpr int kCols = 16;  // output columns per packed block
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even (NaN stays NaN)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
@@ -69,13 +56,13 @@ Layout layout_for(int64_t N, int64_t K, bool gated) {
 }
 
 // ------------------------------------------------------------------ portable path
-// y[m, block c] for rows [m0, m1) and packed blocks [b0, b1)
-void portable_range(const uint16_t* x, int64_t lda, const uint16_t* pk, const Layout& L, int64_t m0, int64_t m1,
-                    int64_t b0, int64_t b1, void* y, bool fp32_out) {
+// y[m, block c] for all M rows and packed blocks [b0, b1)
+void portable_range(const uint16_t* x, int64_t lda, const uint16_t* pk, const Layout& L, int64_t M, int64_t b0,
+                    int64_t b1, void* y, bool fp32_out) {
   float acc[2][kCols];
   const int64_t step = L.gated ? 2 : 1;
   for (int64_t b = b0; b < b1; b += step) {
-    for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
       for (int64_t s = 0; s < step; ++s) {
         const uint16_t* B = pk + (b + s) * L.K2 * 2 * kCols;
         float* a = acc[s];
@@ -153,7 +140,8 @@ void tile(const uint16_t* x, int64_t lda, const uint16_t* pk, const Layout& L, i
       const int64_t cols = L.n_out - col0;
       for (int m = 0; m < MR; ++m) {
         const __m512 g = acc[m][n];
-        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));  // silu(g)
         store_row(_mm512_mul_ps(s, acc[m][n + 1]), y, m * ldy + col0, cols, fp32_out);
       }
     }
@@ -273,7 +261,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const int64_t step = gated ? 2 : 1;
   const int64_t pairs = L.blocks / step;
   at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-    portable_range(xp, K, pk, L, 0, M, p0 * step, p1 * step, yp, fp32_out);
+    portable_range(xp, K, pk, L, M, p0 * step, p1 * step, yp, fp32_out);
   });
   return y;
 }
