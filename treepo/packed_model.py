@@ -9,9 +9,9 @@ seven.
 
 `PackedModel(model)` holds the packed copies (as much memory again as the weights) and repacks
 when any parameter changed (the trainer copies new weights into the engine's model in place,
-which bumps each tensor's version counter). The math is the model's: RMSNorm and the rotary embedding run as fused C++ ops
-(csrc/layer_ops.cpp, one op where PyTorch dispatches eight or twelve), each GEMM accumulates in
-fp32 and rounds once to bf16 as torch's does.
+which bumps each tensor's version counter). The math is the model's: RMSNorm and the rotary
+embedding run as fused C++ ops (csrc/layer_ops.cpp, one op where PyTorch dispatches eight or
+twelve), each GEMM accumulates in fp32 and rounds once to bf16 as torch's does.
 Used by the engine on a CPU for bf16 models when the extension was built with AVX512-BF16.
 """
 from __future__ import annotations
@@ -41,12 +41,11 @@ def packed_status(model: CausalLM, device) -> tuple[bool, str]:
 
 
 class PackedModel:
-    """`forward(input_ids [T], positions [T], attn) -> hidden [T, H]` and `logits(hidden) -> fp32`,
-    equal to CausalLM's engine-mode forward up to GEMM summation order."""
+    """Called as CausalLM is in the engine: `(input_ids [T], positions [T], attn=...) -> hidden [T, H]`
+    and `logits(hidden) -> fp32 [T, V]`, equal to it up to GEMM summation order."""
 
     def __init__(self, model: CausalLM):
         self.model = model
-        self._versions = None
         self.repacks = 0
         self._pack()
 
@@ -61,15 +60,14 @@ class PackedModel:
             a, f = layer.self_attn, layer.mlp
             qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
-            gu_b = None
-            if f.gate_proj.bias is not None:  # a biased MLP: bias can't go inside silu, so no gated fusion
+            if f.gate_proj.bias is None:  # gate/up fused with silu(gate) * up
+                gu, gu_b = kernels.pack_linear(torch.cat([f.gate_proj.weight, f.up_proj.weight]), gated=True), None
+            else:  # a biased MLP: the bias goes inside silu, so gate and up stay two GEMMs
+                gu = (kernels.pack_linear(f.gate_proj.weight), kernels.pack_linear(f.up_proj.weight))
                 gu_b = (f.gate_proj.bias, f.up_proj.bias)
             self.layers.append({
-                "qkv": kernels.pack_linear(qkv_w), "qkv_n": qkv_w.shape[0], "qkv_b": qkv_b,
-                "o": kernels.pack_linear(a.o_proj.weight), "o_b": a.o_proj.bias,
-                "gu": (kernels.pack_linear(torch.cat([f.gate_proj.weight, f.up_proj.weight]), gated=gu_b is None)
-                       if gu_b is None else (kernels.pack_linear(f.gate_proj.weight), kernels.pack_linear(f.up_proj.weight))),
-                "gu_b": gu_b,
+                "qkv": kernels.pack_linear(qkv_w), "qkv_b": qkv_b,
+                "o": kernels.pack_linear(a.o_proj.weight), "o_b": a.o_proj.bias, "gu": gu, "gu_b": gu_b,
                 "down": kernels.pack_linear(f.down_proj.weight), "down_b": f.down_proj.bias,
             })
         self.lm_head = kernels.pack_linear(m.lm_head.weight)
@@ -87,7 +85,7 @@ class PackedModel:
         return y if bias is None else y + bias
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, attn):
+    def __call__(self, input_ids, positions, attn):
         m, cfg = self.model, self.model.config
         H, I, D, eps = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.rms_norm_eps
         nq, nkv = self.sizes
@@ -99,7 +97,7 @@ class PackedModel:
         h = ops.rms_norm(x, layers[0].input_layernorm.weight, eps)
         for i, (layer, p) in enumerate(zip(layers, self.layers)):
             a = layer.self_attn
-            qkv = self._linear(h, p["qkv"], p["qkv_n"], p["qkv_b"])
+            qkv = self._linear(h, p["qkv"], nq + 2 * nkv, p["qkv_b"])
             if a.qk_norm:
                 q = a.q_norm(qkv[:, :nq].view(T, cfg.num_heads, D))
                 k = a.k_norm(qkv[:, nq:nq + nkv].view(T, cfg.num_kv_heads, D))

@@ -74,13 +74,12 @@ class Runner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         last = meta.cu_q[1:] - 1
-        if self.packed is not None:
+        net = self.model
+        if self.packed is not None:  # same call, prepacked CPU GEMMs
             self.packed.refresh()
-            hidden = self.packed.forward(input_ids, positions, attn)
-            logits = self.packed.logits(hidden[last])
-        else:
-            hidden = self.model(input_ids, positions, attn=attn)  # [T, hidden]
-            logits = self.model.logits(hidden[last.to(self.device)]).float()  # [B, V]
+            net = self.packed
+        hidden = net(input_ids, positions, attn=attn)  # [T, hidden]
+        logits = net.logits(hidden[last.to(self.device)]).float()  # [B, V]
         for s in seqs:
             s.num_cached = s.num_tokens
         self.counters["prefill_tokens"] += prefill
