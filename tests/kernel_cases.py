@@ -31,6 +31,24 @@ def tree_case(shape, seed, dtype):
     return q, k, v, tables, lens, P
 
 
+def append_case(D, dtype):
+    """37 new tokens' K/V for random slots of a 20-page cache (3 KV heads, page 8, head dim D), and
+    the caches as append_kv_ref leaves them: (k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v)."""
+    from treepo_kernels import append_kv_ref
+
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(20, 3, 8, D, generator=g).to(dtype)
+    v_cache = torch.randn(20, 3, 8, D, generator=g).to(dtype)
+    T = 37
+    slots = torch.randperm(20 * 8, generator=g)[:T]
+    pages, offsets = slots // 8, slots % 8
+    k = torch.randn(T, 3, D, generator=g).to(dtype)
+    v = torch.randn(T, 3, D, generator=g).to(dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    append_kv_ref(ref_k, ref_v, k, v, pages, offsets)
+    return k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v
+
+
 def extend_case(seed, Hq, Hkv, D, P, dtype):
     """Ragged extend: sequences with random cached lengths and 1..40 new tokens, shuffled pages."""
     r = random.Random(seed)

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from helpers import assert_close, tiny_hf_model
-from kernel_cases import EXTRA_SHAPES, TOL, assert_greedy_parity, assert_tree_parity, extend_case, tree_case
+from kernel_cases import (EXTRA_SHAPES, TOL, append_case, assert_greedy_parity, assert_tree_parity, extend_case,
+                          tree_case)
 from test_tree_plan import SHAPES
 from treepo import Engine, TreeConfig
-from treepo_kernels import append_kv_ref, paged_attention_ref
+from treepo_kernels import paged_attention_ref
 from treepo_kernels import cpu as kernels
 from treepo_kernels.tree_decode import tree_decode_ref
 from treepo_kernels.tree_plan import plan_tree
@@ -70,16 +71,7 @@ def test_paged_extend_matches_reference(heads, seed, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_append_kv_matches_reference(dtype):
-    g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(20, 3, 8, 32, generator=g).to(dtype)
-    v_cache = torch.randn(20, 3, 8, 32, generator=g).to(dtype)
-    T = 37
-    slots = torch.randperm(20 * 8, generator=g)[:T]
-    pages, offsets = slots // 8, slots % 8
-    k = torch.randn(T, 3, 32, generator=g).to(dtype)
-    v = torch.randn(T, 3, 32, generator=g).to(dtype)
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    append_kv_ref(ref_k, ref_v, k, v, pages, offsets)
+    k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v = append_case(32, dtype)
     kernels.append_kv(k_cache, v_cache, k, v, pages, offsets)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 

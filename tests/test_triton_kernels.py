@@ -9,10 +9,10 @@ triton = pytest.importorskip("triton")
 
 from helpers import assert_close, tiny_hf_model  # noqa: E402
 from kernel_cases import (  # noqa: E402
-    EXTRA_SHAPES, TOL, assert_greedy_parity, assert_tree_parity, extend_case, tree_case)
+    EXTRA_SHAPES, TOL, append_case, assert_greedy_parity, assert_tree_parity, extend_case, tree_case)
 from test_tree_plan import SHAPES  # noqa: E402
 from treepo import TreeConfig  # noqa: E402
-from treepo_kernels import append_kv_ref, paged_attention_ref  # noqa: E402
+from treepo_kernels import paged_attention_ref  # noqa: E402
 from treepo_kernels.tree_decode import tree_decode_ref  # noqa: E402
 from treepo_kernels.tree_plan import plan_tree  # noqa: E402
 from treepo_kernels.triton_extend import paged_extend  # noqa: E402
@@ -101,16 +101,7 @@ def test_paged_extend_matches_reference(heads, seed, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_append_kv_matches_reference(dtype):
-    g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(20, 3, 8, 48, generator=g).to(dtype)  # head_dim 48: not a power of two
-    v_cache = torch.randn(20, 3, 8, 48, generator=g).to(dtype)
-    T = 37
-    slots = torch.randperm(20 * 8, generator=g)[:T]
-    pages, offsets = slots // 8, slots % 8
-    k = torch.randn(T, 3, 48, generator=g).to(dtype)
-    v = torch.randn(T, 3, 48, generator=g).to(dtype)
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    append_kv_ref(ref_k, ref_v, k, v, pages, offsets)
+    k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v = append_case(48, dtype)  # head_dim 48: not a power of 2
     kc, vc = k_cache.to(DEV), v_cache.to(DEV)
     append_kv(kc, vc, k.to(DEV), v.to(DEV), pages.to(DEV), offsets.to(DEV))
     assert torch.equal(kc.cpu(), ref_k) and torch.equal(vc.cpu(), ref_v)
