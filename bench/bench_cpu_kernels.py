@@ -46,7 +46,7 @@ CASES = {
 
 
 def build(case, Hkv, D, P, dtype):
-    from treepo.kv_cache import PagedKVCache
+    from treepo.engine.kv_cache import PagedKVCache
 
     kv = PagedKVCache(1, Hkv, D, num_pages=8192, page_size=P, dtype=dtype)
     tables, lens = [], []
@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from treepo.attention import AttentionMetadata, TorchBackend
+    from treepo.engine.attention import AttentionMetadata, TorchBackend
     from treepo_kernels import cpu as kernels
     from treepo_kernels.tree_plan import plan_tree
 
@@ -111,7 +111,7 @@ def main():
         r["tree_gflops"] = 4 * D * Hq * tree.path_tokens / r["cpu_tree_ms"] / 1e6
         rows.append(r)
     # extend (prefill): 8 sequences x 512 new tokens
-    from treepo.kv_cache import PagedKVCache
+    from treepo.engine.kv_cache import PagedKVCache
 
     kv = PagedKVCache(1, Hkv, D, num_pages=1024, page_size=P, dtype=dtype)
     tables = []
@@ -126,7 +126,7 @@ def main():
     k_new = kv.k[0][meta.slot_pages, :, meta.slot_offsets].clone()
     v_new = kv.v[0][meta.slot_pages, :, meta.slot_offsets].clone()
     r = {"case": "extend", "leaves": 8, "path_tokens": 8 * 512}
-    from treepo.cpu_backend import CpuBackend
+    from treepo.engine.attention.cpu_backend import CpuBackend
 
     for name, backend in (("cpu_tree_ms", CpuBackend()), ("torch_ms", TorchBackend())):
         plan = backend.plan(meta, kv, Hq)

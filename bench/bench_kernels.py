@@ -74,7 +74,7 @@ def main():
     args = ap.parse_args()
     import triton.testing
 
-    from treepo.kv_cache import PagedKVCache
+    from treepo.engine.kv_cache import PagedKVCache
     from treepo_kernels.tree_plan import plan_tree
     from treepo_kernels.triton_tree_decode import tile_for, tree_decode, work_items
 

@@ -5,7 +5,7 @@ import random
 import torch
 
 from test_tree_plan import grow_tree
-from treepo.kv_cache import PagedKVCache
+from treepo.engine.kv_cache import PagedKVCache
 
 # kernels compute in fp32 from the stored values; the only extra error is the output's rounding
 TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.bfloat16: dict(atol=1e-2, rtol=8e-3),

@@ -13,7 +13,7 @@ from helpers import assert_close
 from treepo.advantages import (broadcast_to_tokens, grpo_advantages, reinforce_pp_baseline_advantages,
                                tree_advantages, whiten)
 from treepo.losses import token_count_for_step
-from treepo.tree import Leaf, Tree, TreeStats, trees_to_batch
+from treepo.rollout.tree import Leaf, Tree, TreeStats, trees_to_batch
 
 # --------------------------------------------------------------------------- the hand-worked tree
 # Prompt 0 (node ids per tree; node 0 is the root):

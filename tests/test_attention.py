@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from helpers import assert_close
-from treepo.attention import AttentionMetadata, PagedAttention, TorchBackend
-from treepo.kv_cache import PagedKVCache
+from treepo.engine.attention import AttentionMetadata, PagedAttention, TorchBackend
+from treepo.engine.kv_cache import PagedKVCache
 from treepo_kernels import paged_attention_ref
 
 
@@ -67,7 +67,7 @@ def test_torch_backend_matches_reference(case, dtype):
 
 
 def test_auto_falls_back_to_torch_with_a_notice_when_the_extension_is_missing(monkeypatch, capsys):
-    from treepo import attention
+    from treepo.engine import attention
     from treepo_kernels import cpu
 
     monkeypatch.setattr(cpu, "_error", "ImportError: no _C")

@@ -4,7 +4,7 @@ import torch
 
 from helpers import assert_close, tiny_hf_model
 from treepo import Engine, KVCacheExhausted, SamplingParams
-from treepo.sampling import process_logits, sample
+from treepo.engine.sampling import process_logits, sample
 
 
 @pytest.fixture(scope="module")

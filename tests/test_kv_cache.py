@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from treepo.kv_cache import KVCacheExhausted, PagedKVCache
+from treepo.engine.kv_cache import KVCacheExhausted, PagedKVCache
 from treepo_kernels import append_kv_ref
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from helpers import FAMILIES, assert_close, tiny_hf_model
 from treepo import Engine, SamplingParams
-from treepo.model import load_model
+from treepo.engine.model import load_model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -136,7 +136,7 @@ def test_real_smollm2_greedy_matches_transformers():
 
 
 def test_sliding_window_caps_max_model_len():
-    from treepo.config import ModelConfig
+    from treepo.engine.config import ModelConfig
 
     hf = tiny_hf_model("mistral_gqa4").config.to_dict()
     hf["sliding_window"] = 64

@@ -5,7 +5,7 @@ import torch
 
 from helpers import assert_close, tiny_hf_model
 from treepo import Engine, SamplingParams
-from treepo.packed_model import PackedModel, packed_status
+from treepo.engine.packed_model import PackedModel, packed_status
 from treepo_kernels import cpu as kernels
 
 ok, why = kernels.status()
@@ -139,7 +139,7 @@ def test_packed_weights_true_where_impossible_is_an_error():
 
 # ------------------------------------------------------------------ fused layer ops (csrc/layer_ops.cpp)
 def test_rms_norm_ops_match_the_model_norm():
-    from treepo.model import RMSNorm
+    from treepo.engine.model import RMSNorm
 
     g = torch.Generator().manual_seed(0)
     for T, H in [(1, 8), (5, 48), (37, 576)]:
@@ -160,7 +160,7 @@ def test_rms_norm_ops_match_the_model_norm():
 
 
 def test_rope_qkv_matches_the_model_rotary_embedding():
-    from treepo.model import rotate_half
+    from treepo.engine.model import rotate_half
 
     g = torch.Generator().manual_seed(1)
     for T, Hq, Hkv, D in [(1, 2, 1, 4), (7, 9, 3, 64), (3, 8, 8, 16)]:

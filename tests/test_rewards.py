@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from treepo import rewards
-from treepo.rewards import (RewardTimeout, answers_match, extract_answer, gym_reward, math_reward,
+from treepo.train import rewards
+from treepo.train.rewards import (RewardTimeout, answers_match, extract_answer, gym_reward, math_reward,
                             normalize_answer, score_batch)
 
 # --------------------------------------------------------------------------- extraction

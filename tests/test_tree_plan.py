@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from treepo.kv_cache import PagedKVCache
+from treepo.engine.kv_cache import PagedKVCache
 from treepo_kernels import paged_attention_ref
 from treepo_kernels.tree_decode import tree_decode_ref
 from treepo_kernels.tree_plan import plan_tree

@@ -6,8 +6,8 @@ import torch
 
 from helpers import assert_close, tiny_hf_model
 from treepo import Engine, KVCacheExhausted, SamplingParams, TreeConfig, TreeSampler, trees_to_batch
-from treepo.text_rules import boxed_spans, has_repetition, last_boxed_content
-from treepo.tree_sampler import _Path, _TreeState
+from treepo.rollout.text_rules import boxed_spans, has_repetition, last_boxed_content
+from treepo.rollout.sampler import _Path, _TreeState
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 41))]
 
@@ -317,7 +317,7 @@ def test_bad_input(hf):
 
 
 def test_outline_and_html_picture(hf, tmp_path):
-    from treepo.tree_viz import outline, trees_html
+    from treepo.rollout.viz import outline, trees_html
 
     cfg = TreeConfig(segment_len=3, max_depth=3, max_width=4, branch_factor=2, rep_count=0)
     trees = TreeSampler(engine(hf, eos=range(1, 30)), cfg).sample(PROMPTS[:2], SamplingParams(seed=0))

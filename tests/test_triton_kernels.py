@@ -152,7 +152,7 @@ def test_tree_decode_odd_heads(case):
 def test_tree_decode_page_edges():
     """Forks mid-page (the child's partial tail copied, full pages shared by id), leaves whose last
     page holds 1 token / is full / is the shared node's own last page (no own tokens)."""
-    from treepo.kv_cache import PagedKVCache
+    from treepo.engine.kv_cache import PagedKVCache
 
     P = 8
     kv = PagedKVCache(1, 2, 32, num_pages=64, page_size=P)
@@ -250,7 +250,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("heads", [(32, 8, 128), (28, 4, 128), (32, 32, 128), (9, 3, 64)])
 def test_gpu_bf16_large_tree(heads):
     """64 leaves sharing a 2048-token prefix with 256-token own suffixes, bf16, page 16."""
-    from treepo.kv_cache import PagedKVCache
+    from treepo.engine.kv_cache import PagedKVCache
 
     Hq, Hkv, D = heads
     kv = PagedKVCache(1, Hkv, D, num_pages=(2048 + 64 * 272) // 16 + 8, page_size=16, dtype=torch.bfloat16,

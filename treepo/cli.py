@@ -10,7 +10,7 @@ import time
 
 def _engine(args):
     from . import Engine
-    from .assets import bundled_model_path
+    from treepo.assets import bundled_model_path
 
     path = args.model or bundled_model_path()
     return Engine.from_pretrained(path, dtype=args.dtype, attention_backend=args.backend)
@@ -52,9 +52,9 @@ def cmd_sample(args):
 
 
 def _sample_tree(eng, ids, params, args):
-    from .tree import TreeConfig
-    from .tree_sampler import TreeSampler
-    from .tree_viz import outline, trees_html
+    from treepo.rollout.tree import TreeConfig
+    from treepo.rollout.sampler import TreeSampler
+    from treepo.rollout.viz import outline, trees_html
 
     cfg = TreeConfig(segment_len=args.segment_len, max_depth=args.depth, max_width=args.n,
                      branch_factor=args.branch, seed=args.seed)
@@ -75,7 +75,7 @@ def _sample_tree(eng, ids, params, args):
 def cmd_info(args):
     import torch
 
-    from .attention import backend_status, make_backend
+    from treepo.engine.attention import backend_status, make_backend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     status = {}
@@ -100,7 +100,7 @@ def cmd_info(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":  # all TrainConfig fields are flags: see `treepo train --help`
-        from .trainer import main as train_main
+        from treepo.train.trainer import main as train_main
 
         try:
             return train_main(argv[1:])

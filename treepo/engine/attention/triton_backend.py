@@ -18,7 +18,7 @@ from treepo_kernels.triton_extend import tree_extend
 from treepo_kernels.triton_paged_kv import append_kv
 from treepo_kernels.triton_tree_decode import tree_decode
 
-from .kv_cache import PagedKVCache
+from ..kv_cache import PagedKVCache
 
 
 class TritonBackend:

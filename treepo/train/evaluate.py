@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
-from .config import SamplingParams
+from treepo.engine.config import SamplingParams
 from .data import Problem, render_prompt
 from .rewards import extract_answer
 

@@ -34,7 +34,7 @@ import time
 from fractions import Fraction
 from typing import Protocol
 
-from .text_rules import boxed_spans
+from treepo.rollout.text_rules import boxed_spans
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from treepo_kernels.paged_kv import append_kv_ref
 
-from .kv_cache import PagedKVCache
+from ..kv_cache import PagedKVCache
 
 
 @dataclass

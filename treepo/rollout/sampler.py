@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SamplingParams
-from .engine import Engine
-from .kv_cache import KVCacheExhausted
-from .runner import Sequence
-from .sampling import mix_seed
+from treepo.engine.config import SamplingParams
+from treepo.engine.engine import Engine
+from treepo.engine.kv_cache import KVCacheExhausted
+from treepo.engine.runner import Sequence
+from treepo.engine.sampling import mix_seed
 from .text_rules import boxed_spans, has_repetition
 from .tree import Leaf, Node, Tree, TreeConfig, TreeStats
 

@@ -11,7 +11,7 @@ import torch
 from treepo_kernels import cpu as kernels
 from treepo_kernels.tree_plan import plan_tree
 
-from .kv_cache import PagedKVCache
+from ..kv_cache import PagedKVCache
 
 
 class CpuBackend:

@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .advantages import grpo_advantages, tree_advantages, whiten
-from .config import SamplingParams
+from treepo.advantages import grpo_advantages, tree_advantages, whiten
+from treepo.engine.config import SamplingParams
 from .data import Problem, PromptStream, gsm8k_test, gym_problems, jsonl_problems, render_prompt
-from .engine import Engine, load_tokenizer
+from treepo.engine.engine import Engine, load_tokenizer
 from .evaluate import evaluate
-from .losses import policy_loss
-from .model import load_model
+from treepo.losses import policy_loss
+from treepo.engine.model import load_model
 from .rewards import gym_reward, math_reward, score_batch
-from .tree import TreeConfig, trees_to_batch
-from .tree_sampler import TreeSampler
+from treepo.rollout.tree import TreeConfig, trees_to_batch
+from treepo.rollout.sampler import TreeSampler
 
 
 @dataclass
@@ -223,7 +223,7 @@ def _sample(p: Problem) -> dict:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from .assets import bundled_model_path
+        from treepo.assets import bundled_model_path
 
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()

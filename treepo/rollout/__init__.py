@@ -1,0 +1,9 @@
+"""TreePO rollouts on the engine: the segment-level tree sampler and the trees it returns.
+
+tree (TreeConfig, Node, Leaf, Tree) -> sampler (the level-synchronous TreePO loop) with
+text_rules (boxed answers, repetition) -> viz (outline and SVG pictures of trees).
+"""
+from .sampler import TreeSampler
+from .tree import Leaf, Node, Tree, TreeConfig
+
+__all__ = ["TreeSampler", "TreeConfig", "Tree", "Leaf", "Node"]
