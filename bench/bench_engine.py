@@ -23,7 +23,7 @@ from common import chat_prompts, print_table, result_line  # noqa: E402
 def run_provider(args) -> dict:
     torch.set_num_threads(args.threads)
     from treepo.assets import bundled_model_path
-    from treepo.engine.engine import load_tokenizer
+    from treepo.engine.tokenizer import load_tokenizer
 
     path = bundled_model_path()
     tok = load_tokenizer(path)

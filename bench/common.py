@@ -42,7 +42,7 @@ def machine() -> dict:
 
 
 def chat_prompts(tokenizer, questions=ARITH_QUESTIONS) -> list[list[int]]:
-    from treepo.cli import chat_prompt_ids
+    from treepo.engine.tokenizer import chat_prompt_ids
 
     return [chat_prompt_ids(tokenizer, q + SUFFIX) for q in questions]
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from helpers import FAMILIES, assert_close, tiny_hf_model
 from treepo import Engine, SamplingParams
-from treepo.engine.model import load_model
+from treepo.engine.loader import load_model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -121,7 +121,7 @@ def test_real_smollm2_greedy_matches_transformers():
     from transformers import AutoModelForCausalLM
 
     from treepo.assets import bundled_model_path
-    from treepo.cli import chat_prompt_ids
+    from treepo.engine.tokenizer import chat_prompt_ids
 
     path = bundled_model_path()
     eng = Engine.from_pretrained(path, dtype="float32")

@@ -94,7 +94,7 @@ def test_resume_matches_uninterrupted_and_export_loads(tiny, tmp_path):
         assert a[2][k] == pytest.approx(b[2][k], rel=1e-4, abs=1e-6), k
     # the HF export loads in transformers with our engine's logits
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(full, "hf")).eval()
-    from treepo.engine.model import load_model
+    from treepo.engine.loader import load_model
     ours = load_model(os.path.join(full, "hf"))
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():

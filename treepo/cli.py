@@ -16,19 +16,9 @@ def _engine(args):
     return Engine.from_pretrained(path, dtype=args.dtype, attention_backend=args.backend)
 
 
-def chat_prompt_ids(tokenizer, text: str, system: str | None = None) -> list[int]:
-    """Token ids of `text` as one user turn with the model's chat template (if it has one)."""
-    if tokenizer is None:
-        raise ValueError("this checkpoint has no tokenizer; pass token ids instead of text")
-    if getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(rendered, add_special_tokens=False)
-    return tokenizer.encode(text)
-
-
 def cmd_sample(args):
     from . import SamplingParams
+    from .engine.tokenizer import chat_prompt_ids
 
     t0 = time.perf_counter()
     eng = _engine(args)

@@ -8,7 +8,6 @@ sequence that cannot fit the whole pool is a clear KVCacheExhausted error. The l
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,8 +17,11 @@ import torch
 from .attention import make_backend
 from .config import SamplingParams
 from .kv_cache import KVCacheExhausted, PagedKVCache
-from .model import CausalLM, load_model, load_state
-from .runner import Runner, Sequence
+from .loader import load_model, load_state
+from .model import CausalLM
+from .runner import Runner
+from .sequence import Sequence
+from .tokenizer import load_tokenizer
 from .sampling import mix_seed, sample
 
 
@@ -312,16 +314,3 @@ class Engine:
             n_seqs += samples
             n_tokens += n_tok
         return admitted
-
-
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer (transformers), or None if it has none."""
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    if os.path.exists(os.path.join(path, "tokenizer.json")):  # the fast class loads ~4x quicker
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)

@@ -26,7 +26,7 @@ import torch
 from treepo.engine.config import SamplingParams
 from treepo.engine.engine import Engine
 from treepo.engine.kv_cache import KVCacheExhausted
-from treepo.engine.runner import Sequence
+from treepo.engine.sequence import Sequence
 from treepo.engine.sampling import mix_seed
 from .text_rules import boxed_spans, has_repetition
 from .tree import Leaf, Node, Tree, TreeConfig, TreeStats

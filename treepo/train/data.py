@@ -27,7 +27,7 @@ class Problem:
 
 def render_prompt(tokenizer, question: str, instruction: str = INSTRUCTION) -> list[int]:
     """Token ids of the question + instruction as one user turn of the model's chat template."""
-    from treepo.cli import chat_prompt_ids
+    from treepo.engine.tokenizer import chat_prompt_ids
 
     return chat_prompt_ids(tokenizer, f"{question}\n{instruction}" if instruction else question)
 

@@ -25,10 +25,11 @@ from . import checkpoint as ckpt
 from treepo.advantages import grpo_advantages, tree_advantages, whiten
 from treepo.engine.config import SamplingParams
 from .data import Problem, PromptStream, gsm8k_test, gym_problems, jsonl_problems, render_prompt
-from treepo.engine.engine import Engine, load_tokenizer
+from treepo.engine.engine import Engine
 from .evaluate import evaluate
 from treepo.losses import policy_loss
-from treepo.engine.model import load_model
+from treepo.engine.loader import load_model
+from treepo.engine.tokenizer import load_tokenizer
 from .rewards import gym_reward, math_reward, score_batch
 from treepo.rollout.tree import TreeConfig, trees_to_batch
 from treepo.rollout.sampler import TreeSampler
