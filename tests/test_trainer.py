@@ -61,6 +61,32 @@ def test_learns_a_trivial_reward(tiny, tmp_path, mode):
     first, last = recs[0]["reward/mean"], sum(r["reward/mean"] for r in recs[-2:]) / 2
     assert last > first + 0.4, [round(r["reward/mean"], 3) for r in recs]
     assert all(r["reward/failures"] == 0 for r in recs)
+    # the engine (fp32, paged attention) and the trainer (dense forward) see the same model
+    gaps = [r["mismatch/sampler_vs_trainer_logp"] for r in recs]
+    assert max(gaps) < 1e-4, gaps
+
+
+def test_evaluation_scores_with_the_configured_reward_fn(tiny):
+    from trainer_fixtures import even_token_reward
+
+    from treepo import Engine, SamplingParams
+    from treepo.engine.tokenizer import chat_prompt_ids
+    from treepo.train.data import INSTRUCTION, Problem
+    from treepo.train.evaluate import evaluate
+    from treepo.train.problem_rewards import ProblemScorer
+
+    model, _ = tiny
+    eng = Engine.from_pretrained(model, dtype="float32")
+    probs = [Problem(f"Say anything {i}.", "0", "task") for i in range(3)]
+    kw = dict(n=4, temperature=1.0, max_tokens=8, seed=0)
+    ev = evaluate(eng, probs, ProblemScorer("trainer_fixtures:even_token_reward"), **kw)
+    prompts = [chat_prompt_ids(eng.tokenizer, f"{p.question}\n{INSTRUCTION}") for p in probs]
+    outs = eng.generate(prompts, SamplingParams(**kw))
+    accs = [float(even_token_reward(c.text, {"response_ids": c.token_ids}) > 0) for cs in outs for c in cs]
+    assert 0 < sum(accs) < len(accs)  # the check below can tell the two reward functions apart
+    assert ev["task"]["mean@n"] == pytest.approx(sum(accs) / len(accs))
+    builtin = evaluate(eng, probs, ProblemScorer(None), **kw)  # random text never boxes the gold "0"
+    assert builtin["task"]["mean@n"] == 0.0
 
 
 def test_fsdp_two_processes_match_one(tiny, tmp_path):

@@ -184,13 +184,14 @@ class CausalLM(nn.Module):
         x = self.model.norm(x)
         if labels is None:
             return x
+        from treepo.losses import entropy_from_logits, selective_logprobs
+
         R = labels.shape[1]
         h = x[:, label_start - 1: label_start - 1 + R]  # [B, R, H]
-        logits = self.lm_head(h).float()  # [B, R, V]
-        lse = torch.logsumexp(logits, -1)
-        logp = logits.gather(-1, labels[..., None])[..., 0] - lse
+        logits = self.lm_head(h)  # [B, R, V] in the model's dtype; fp32 only chunk by chunk below
+        logp = selective_logprobs(logits, labels)
         with torch.no_grad():
-            entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+            entropy = entropy_from_logits(logits)
         return logp, entropy
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Evaluation with sequential sampling: mean@n, maj@n and pass@k per dataset (TREEPO_SPEC.md 4)."""
+"""Evaluation with sequential sampling: mean@n, maj@n and pass@k per dataset (docs/algorithm.md,
+section 4). Responses are scored by the run's ProblemScorer: the same reward function as the
+rollouts (`--reward_fn` included), under the same deadline."""
 from __future__ import annotations
 
 import math
@@ -6,6 +8,8 @@ from collections import Counter, defaultdict
 
 from treepo.engine.config import SamplingParams
 from .data import Problem, render_prompt
+from .distributed import all_reduce_scalar
+from .problem_rewards import ProblemScorer
 from .rewards import extract_answer
 
 
@@ -16,9 +20,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(engine, problems: list[Problem], reward_fn, n: int = 4, temperature: float = 0.6,
+def evaluate(engine, problems: list[Problem], scorer: ProblemScorer, n: int = 4, temperature: float = 0.6,
              max_tokens: int = 256, seed: int = 0, ks: tuple[int, ...] | None = None) -> dict:
-    """Sample n completions per problem and score them with reward_fn(text, problem) -> (reward, acc).
+    """Sample n completions per problem and score them with `scorer` (accuracy 1 where reward > 0).
 
     Returns {source: {"mean@n", "maj@n", "pass@k"..., "problems"}, "overall": size-weighted}."""
     tok = engine.tokenizer
@@ -27,9 +31,12 @@ def evaluate(engine, problems: list[Problem], reward_fn, n: int = 4, temperature
     ks = ks or tuple(sorted({1, n}))
     per = defaultdict(lambda: defaultdict(float))
     counts = Counter()
-    for prob, comps in zip(problems, outs):
+    texts = [c.text for comps in outs for c in comps]
+    _, all_accs, _ = scorer.score(texts, [p for p in problems for _ in range(n)],
+                                  [c.token_ids for comps in outs for c in comps])
+    for j, (prob, comps) in enumerate(zip(problems, outs)):
         texts = [c.text for c in comps]
-        accs = [reward_fn(t, prob)[1] for t in texts]
+        accs = all_accs[j * n:(j + 1) * n]
         c = int(sum(a > 0 for a in accs))
         m = per[prob.source]
         m["mean@n"] += sum(accs) / n
@@ -49,3 +56,16 @@ def evaluate(engine, problems: list[Problem], reward_fn, n: int = 4, temperature
     keys = sorted({k for m in result.values() for k in m if k != "problems"})
     result["overall"] = {k: sum(result[s][k] * counts[s] for s in counts) / total for k in keys} | {"problems": total}
     return result
+
+
+def reduce_eval(ev: dict, name: str) -> dict:
+    """eval/<name>/<metric>: the problem-weighted mean of each rank's "overall" (a collective)."""
+    out = {}
+    o = ev.get("overall", {})
+    n = o.get("problems", 0)
+    tot = all_reduce_scalar(n)
+    for k, v in sorted(o.items()):  # same order on every rank: these are collectives
+        if k != "problems":
+            out[f"eval/{name}/{k}"] = all_reduce_scalar(v * n) / max(tot, 1)
+    out[f"eval/{name}/problems"] = tot
+    return out

@@ -1,0 +1,177 @@
+"""The trainer's configuration: every field is a `treepo train` flag or a key of `--config`.
+
+Presets are defaults, not overrides: they are applied before the --config file and the flags,
+so `--preset quick --steps 15` runs 15 steps although 15 is also the plain default (a preset
+applied after parsing cannot tell a flag that was given from one left at its default).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from treepo.rollout.tree import TreeConfig
+
+MODES = ("tree", "sequential")
+ADVANTAGES = ("tree", "grpo", "rpp")
+
+# preset name -> field values it sets (explicit fields and the --config file override them)
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "quick": dict(steps=6, prompts_per_step=4, leaves=4, segment_len=16, max_depth=4, max_response_len=64,
+                  heldout_size=16, eval_every=0, eval_n=2, eval_max_tokens=64, gsm8k_max_tokens=64, save_every=3,
+                  eval_gsm8k=False),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; `treepo train --<field> value` or `--config file.json` sets them.
+
+    Build it with `parse_args(argv)` or `TrainConfig.from_preset(name, **fields)`: a preset's
+    values are defaults that explicit fields override (PRESETS).
+    """
+
+    # model and run
+    model: str | None = None  # HF checkpoint dir; None = the bundled SmolLM2-135M-Instruct
+    output_dir: str = "runs/treepo"  # metrics.jsonl, checkpoints/, hf/ (export), curves.png
+    resume: bool = False  # continue from output_dir/checkpoints/latest
+    seed: int = 0
+    steps: int = 15  # optimizer "RL steps" (each: sample, score, update)
+    preset: str = "default"  # "default" | "quick" (a few minutes on 2 CPU cores): see PRESETS
+    # data
+    train_task: str = "basic_arithmetic"  # reasoning-gym task (ignored with train_jsonl)
+    train_task_config: dict = field(default_factory=lambda: {
+        "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
+        "format_style": "simple", "allow_parentheses": False, "allow_negation": False, "whitespace": "single"})
+    train_size: int = 5000  # problems generated for training
+    train_jsonl: str | None = None  # JSONL {"question", "answer"} instead of the gym task
+    heldout_size: int = 64  # held-out problems of the training task (another seed) for evaluation
+    eval_gsm8k: bool = True  # also evaluate on the 100 real GSM8K test problems (before and after)
+    # sampling
+    mode: str = "tree"  # "tree" (TreePO) | "sequential" (i.i.d. samples: the GRPO/DAPO baseline)
+    prompts_per_step: int = 8  # prompts per RL step (all ranks together)
+    leaves: int = 8  # W: trajectories per prompt
+    segment_len: int = 32  # l
+    max_depth: int = 4  # d
+    branch_factor: int = 2  # b
+    max_response_len: int = 128  # L (defaults to l * d when 0)
+    temperature: float = 0.7  # rollouts; at 1.0 the 135M model almost never answers within 128 tokens
+    top_p: float = 1.0
+    engine_dtype: str = "bfloat16"  # inference copy dtype
+    # batch shaping
+    dynamic_sampling: bool = True  # drop prompts whose leaves all have the same accuracy ...
+    max_gen_batches: int = 3  # ... and sample more, at most this many generation rounds per step
+    overlong_buffer: int = 0  # B of overlong shaping (0 = off)
+    overlong_factor: float = 1.0
+    mini_batches: int = 1  # optimizer steps per RL step (1 epoch over the batch)
+    micro_batch_size: int = 16  # leaves per forward/backward
+    # advantages and loss
+    advantage: str = "tree"  # "tree" (TreePO) | "grpo" | "rpp" (REINFORCE++-baseline)
+    aggregation: str = "average"  # tree advantage: "average" | "size_weighted"
+    include_root: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float = 10.0
+    kl_coef: float = 0.0  # optional KL to the initial model (k1/k3); 0 = no reference model
+    kl_type: str = "k3"
+    # optimiser
+    lr: float = 5e-6
+    warmup_steps: int = 3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    betas: tuple = (0.9, 0.999)
+    train_dtype: str = "float32"  # parameters; bf16 mixed precision is used on CUDA
+    # evaluation, logging, checkpoints
+    eval_every: int = 5  # steps between held-out evaluations (0 = only before and after)
+    eval_n: int = 4  # samples per problem
+    eval_temperature: float = 0.6
+    eval_max_tokens: int = 128
+    gsm8k_max_tokens: int = 256
+    save_every: int = 20  # steps between checkpoints (0 = only at the end)
+    export_hf: bool = True  # write an HF-format model to output_dir/hf at the end
+    reward_timeout_s: float = 10.0
+    reward_fn: str | None = None  # "module:function" with fn(response_text, sample) -> float; None = built-in
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}; valid: {', '.join(PRESETS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; valid: {', '.join(MODES)}")
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage={self.advantage!r}; valid: {', '.join(ADVANTAGES)}")
+        if self.max_response_len == 0:
+            self.max_response_len = self.segment_len * self.max_depth
+        for name in ("steps", "prompts_per_step", "leaves", "mini_batches", "micro_batch_size", "max_gen_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr", "weight_decay", "grad_clip", "temperature", "eps_low", "eps_high", "dual_clip",
+                     "kl_coef", "overlong_factor", "reward_timeout_s", "eval_temperature"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **fields) -> "TrainConfig":
+        """The preset's values, overridden by `fields`."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r}; valid: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **fields, "preset": preset})
+
+    def tree_config(self) -> TreeConfig:
+        """The sampler's TreeConfig (sequential mode: W i.i.d. samples of max_response_len)."""
+        if self.mode == "sequential":
+            return TreeConfig.sequential(self.leaves, self.max_response_len, seed=self.seed)
+        return TreeConfig(segment_len=self.segment_len, max_depth=self.max_depth, max_width=self.leaves,
+                          branch_factor=self.branch_factor, max_response_len=self.max_response_len,
+                          seed=self.seed)
+
+
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_bool(s: str) -> bool:
+    """Strict: true/false, 1/0, yes/no (any case); anything else is an error naming the choices."""
+    v = BOOL_WORDS.get(str(s).strip().lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a boolean; use one of {', '.join(BOOL_WORDS)}")
+    return v
+
+
+def _json_or_text(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """TrainConfig from flags: preset values < the --config JSON file < explicit flags."""
+    ap = argparse.ArgumentParser(prog="treepo train", description="TreePO RL training")
+    ap.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = type(f.default) if f.default is not dataclasses.MISSING else dict
+        if kind is bool:
+            ap.add_argument(f"--{f.name}", type=parse_bool, default=None)
+        elif kind in (dict, tuple, list) or f.default is None:
+            ap.add_argument(f"--{f.name}", type=_json_or_text, default=None)
+        else:
+            ap.add_argument(f"--{f.name}", type=kind, default=None)
+    args = ap.parse_args(argv)
+    values = {}
+    if args.config:
+        try:
+            with open(args.config) as fh:
+                values.update(json.load(fh))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}")
+    return TrainConfig.from_preset(values.pop("preset", "default"), **values)

@@ -1,0 +1,101 @@
+"""Step metrics (verl / TRL names), reduced over ranks, and where they go: metrics.jsonl,
+TensorBoard when it is installed, and one progress line per step on rank 0.
+
+Every reduction here is a collective: all ranks call these functions in the same order.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch.distributed as dist
+
+from treepo.rollout.tree import FINISH_REASONS
+
+from .distributed import all_max, all_reduce_scalar
+from .rollout import RolloutStats
+
+
+def _mean(values: list[float]) -> float:
+    return all_reduce_scalar(sum(values)) / max(all_reduce_scalar(len(values)), 1)
+
+
+class TokenWeighted:
+    """Token-weighted means of per-micro-batch metrics (each a mean over its valid tokens)."""
+
+    def __init__(self):
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, metrics: dict, tokens: float):
+        for k, v in metrics.items():
+            s = self.sums.setdefault(k, [0.0, 0.0])
+            s[0] += float(v) * tokens
+            s[1] += tokens
+
+    def reduce(self, prefix: str) -> dict:
+        return {f"{prefix}{k}": all_reduce_scalar(s) / max(all_reduce_scalar(w), 1.0)
+                for k, (s, w) in sorted(self.sums.items())}
+
+
+def rollout_metrics(st: RolloutStats, kept_prompts: int, kept_leaves: int, max_response_len: int) -> dict:
+    """reward/*, batch/*, response/*, finish/*, sampling/* over all ranks."""
+    m = {"reward/mean": _mean(st.rewards), "reward/accuracy": _mean(st.accuracies),
+         "reward/failures": all_reduce_scalar(st.reward_failures),
+         "batch/prompts_kept": all_reduce_scalar(kept_prompts),
+         "batch/prompts_dropped": all_reduce_scalar(st.prompts_dropped),
+         "batch/gen_rounds": all_max(st.gen_rounds), "batch/short": all_max(int(st.short_batch)),
+         "batch/leaves": all_reduce_scalar(kept_leaves)}
+    lens = st.leaf_lengths
+    m["response/len_mean"] = _mean(lens)
+    m["response/len_max"] = all_max(max(lens, default=0))
+    m["response/clip_ratio"] = _mean([float(n >= max_response_len) for n in lens])
+    for reason in FINISH_REASONS:
+        m[f"finish/{reason}"] = all_reduce_scalar(st.finish.get(reason, 0))
+    proc, seq = all_reduce_scalar(st.processed_tokens), all_reduce_scalar(st.sequential_tokens)
+    m["sampling/tokens_processed"] = proc
+    m["sampling/compute_saved_vs_sequential"] = 1 - proc / max(seq, 1)
+    return m
+
+
+def timing_metrics(timing: dict[str, float]) -> dict:
+    """timing/<phase>: the slowest rank's seconds."""
+    return {f"timing/{k}": all_reduce_scalar(v, dist.ReduceOp.MAX) for k, v in timing.items()}
+
+
+class MetricsLog:
+    """Appends records to output_dir/metrics.jsonl (and TensorBoard events) on rank 0."""
+
+    def __init__(self, out_dir: str, rank: int):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.rank = rank
+        self.tb = None
+        if rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def write(self, rec: dict):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None and "step" in rec:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+
+
+def progress_line(step: int, steps: int, m: dict) -> str:
+    done = step / steps
+    bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
+    return (f"[{bar}] step {step}/{steps} reward {m['reward/mean']:+.3f} acc {m['reward/accuracy']:.3f} "
+            f"len {m['response/len_mean']:.0f} kept {m['batch/prompts_kept']:.0f} "
+            f"loss {m.get('actor/pg_loss', 0):+.4f} gn {m['actor/grad_norm']:.3f} "
+            f"saved {m['sampling/compute_saved_vs_sequential']:.0%} {m['timing/step']:.1f}s")
+
+
+def eval_line(step: int, ev: dict) -> str:
+    return "eval step " + str(step) + " " + " ".join(
+        f"{k.split('eval/')[1]}={v:.3f}" for k, v in ev.items() if not k.endswith("problems"))
