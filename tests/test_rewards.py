@@ -1,4 +1,4 @@
-"""Rewards (TREEPO_SPEC.md section 4): answer extraction, a table of tricky answers verified with
+"""Rewards (docs/algorithm.md, section "Reward"): answer extraction, a table of tricky answers verified with
 math-verify + the normalised compare, failure-proof batch scoring (exceptions, timeouts, a hung
 sympy), use from non-main threads, and reasoning-gym's own checker."""
 import json
@@ -7,9 +7,16 @@ import time
 
 import pytest
 
-from treepo.train.rewards import verifier
-from treepo.train.rewards import (RewardTimeout, answers_match, extract_answer, gym_reward, math_reward,
-                            normalize_answer, score_batch)
+from treepo.train.rewards import (
+    RewardTimeout,
+    answers_match,
+    extract_answer,
+    gym_reward,
+    math_reward,
+    normalize_answer,
+    score_batch,
+    verifier,  # the module whose _WORKER _Verifier reads: the worker tests patch it there
+)
 
 # --------------------------------------------------------------------------- extraction
 
@@ -95,7 +102,7 @@ def test_answers_match_is_exact_for_numbers():
 
 
 def test_math_verify_default_timeouts_fail_in_threads():
-    """The premise (TRAINER_NOTES.md): math-verify with its default signal timeouts cannot run
+    """The premise (docs/training.md, section "Rewards"): math-verify with its default signal timeouts cannot run
     off the main thread; math_reward can."""
     from math_verify import parse, verify
 
