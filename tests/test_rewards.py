@@ -1,4 +1,4 @@
-"""Rewards (TREEPO_SPEC.md section 4): answer extraction, a table of tricky answers verified with
+"""Rewards (docs/algorithm.md, section "Reward"): answer extraction, a table of tricky answers verified with
 math-verify + the normalised compare, failure-proof batch scoring (exceptions, timeouts, a hung
 sympy), use from non-main threads, and reasoning-gym's own checker."""
 import json
@@ -7,9 +7,16 @@ import time
 
 import pytest
 
-from treepo.train import rewards
-from treepo.train.rewards import (RewardTimeout, answers_match, extract_answer, gym_reward, math_reward,
-                            normalize_answer, score_batch)
+from treepo.train.rewards import (
+    RewardTimeout,
+    answers_match,
+    extract_answer,
+    gym_reward,
+    math_reward,
+    normalize_answer,
+    score_batch,
+    verifier,  # the module whose _WORKER _Verifier reads: the worker tests patch it there
+)
 
 # --------------------------------------------------------------------------- extraction
 
@@ -95,7 +102,7 @@ def test_answers_match_is_exact_for_numbers():
 
 
 def test_math_verify_default_timeouts_fail_in_threads():
-    """The premise (TRAINER_NOTES.md): math-verify with its default signal timeouts cannot run
+    """The premise (docs/training.md, section "Rewards"): math-verify with its default signal timeouts cannot run
     off the main thread; math_reward can."""
     from math_verify import parse, verify
 
@@ -182,26 +189,26 @@ def test_score_batch_without_deadline_and_errors():
 
 def test_hung_verifier_worker_is_killed(monkeypatch):
     """A worker that never answers (a sympy loop) is killed at the deadline and replaced."""
-    monkeypatch.setattr(rewards, "_WORKER", "import sys, time\nprint('ready', flush=True)\n"
-                                            "for line in sys.stdin:\n    time.sleep(600)\n")
-    v = rewards._Verifier()
+    monkeypatch.setattr(verifier, "_WORKER", "import sys, time\nprint('ready', flush=True)\n"
+                                             "for line in sys.stdin:\n    time.sleep(600)\n")
+    v = verifier._Verifier()
     try:
         t0 = time.perf_counter()
         with pytest.raises(RewardTimeout, match="took over 0.3s"):
             v.verify("\\boxed{1}", "\\boxed{2}", timeout_s=0.3)
         assert time.perf_counter() - t0 < 5.0
         assert v.proc is None  # killed
-        answering = rewards._WORKER.replace("time.sleep(600)", "print('{\"ok\": true}', flush=True)")
-        monkeypatch.setattr(rewards, "_WORKER", answering)
+        answering = verifier._WORKER.replace("time.sleep(600)", "print('{\"ok\": true}', flush=True)")
+        monkeypatch.setattr(verifier, "_WORKER", answering)
         assert v.verify("\\boxed{1}", "\\boxed{1}", timeout_s=5.0) is True  # a fresh worker
     finally:
         v.close()
 
 
 def test_crashed_verifier_worker_is_an_error_not_a_hang(monkeypatch):
-    monkeypatch.setattr(rewards, "_WORKER", "import sys\nprint('ready', flush=True)\n"
-                                            "for line in sys.stdin:\n    sys.exit(3)\n")
-    v = rewards._Verifier()
+    monkeypatch.setattr(verifier, "_WORKER", "import sys\nprint('ready', flush=True)\n"
+                                             "for line in sys.stdin:\n    sys.exit(3)\n")
+    v = verifier._Verifier()
     try:
         with pytest.raises(RuntimeError, match="exited with code 3"):
             v.verify("\\boxed{1}", "\\boxed{2}", timeout_s=30.0)

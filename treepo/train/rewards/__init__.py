@@ -1,0 +1,14 @@
+"""Rewards: +1 for a correct final answer, -1 otherwise (docs/algorithm.md, section "Reward").
+
+answers.py     extract_answer, normalize_answer, answers_match: what the final answer is, and the
+               fast string / exact-number compare.
+verifier.py    math-verify in a worker process killed at a deadline (safe from any thread).
+reward_fns.py  math_reward (answers_match, then math-verify) and gym_reward (reasoning-gym's checker).
+scoring.py     RewardFn, score_batch (each call under a deadline; failures score -1), RewardTimeout.
+"""
+from .answers import answers_match, extract_answer, normalize_answer
+from .reward_fns import gym_reward, math_reward
+from .scoring import RewardFn, RewardTimeout, score_batch
+
+__all__ = ["extract_answer", "normalize_answer", "answers_match", "math_reward", "gym_reward", "RewardFn",
+           "score_batch", "RewardTimeout"]
