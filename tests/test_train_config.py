@@ -70,7 +70,7 @@ def test_bad_preset_and_mode_name_the_valid_ones():
                                       ("no_such_module_xyz:fn", "cannot import module"),
                                       ("json:no_such_function", "has no function"), (":fn", "expected")])
 def test_bad_reward_fn_is_a_clear_error(spec, msg):
-    from treepo.train.problem_rewards import ProblemScorer
+    from treepo.train.rewards.problems import ProblemScorer
 
     with pytest.raises(ValueError, match=msg):
         ProblemScorer(spec)

@@ -73,7 +73,7 @@ def test_evaluation_scores_with_the_configured_reward_fn(tiny):
     from treepo.engine.tokenizer import chat_prompt_ids
     from treepo.train.data import INSTRUCTION, Problem
     from treepo.train.evaluate import evaluate
-    from treepo.train.problem_rewards import ProblemScorer
+    from treepo.train.rewards.problems import ProblemScorer
 
     model, _ = tiny
     eng = Engine.from_pretrained(model, dtype="float32")

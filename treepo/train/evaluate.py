@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from treepo.engine.config import SamplingParams
 from .data import Problem, render_prompt
 from .distributed import all_reduce_scalar
-from .problem_rewards import ProblemScorer
+from .rewards.problems import ProblemScorer
 from .rewards import extract_answer
 
 

@@ -18,7 +18,7 @@ from treepo.rollout.tree import Tree
 
 from .data import Problem, PromptStream, render_prompt
 from .distributed import all_max
-from .problem_rewards import ProblemScorer
+from .rewards.problems import ProblemScorer
 
 
 @dataclass

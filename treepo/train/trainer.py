@@ -35,7 +35,7 @@ from .data import PromptStream, gsm8k_test, gym_problems, jsonl_problems
 from .distributed import all_max, init_distributed, shard_model
 from .evaluate import evaluate, reduce_eval
 from .metrics import MetricsLog, TokenWeighted, eval_line, progress_line, rollout_metrics, timing_metrics
-from .problem_rewards import ProblemScorer
+from .rewards.problems import ProblemScorer
 from .rollout import Rollout, RolloutCollector
 
 MICRO_KEYS = ("prompts", "responses", "response_mask", "input_ids", "attention_mask", "position_ids")

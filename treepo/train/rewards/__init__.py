@@ -5,6 +5,8 @@ answers.py     extract_answer, normalize_answer, answers_match: what the final a
 verifier.py    math-verify in a worker process killed at a deadline (safe from any thread).
 reward_fns.py  math_reward (answers_match, then math-verify) and gym_reward (reasoning-gym's checker).
 scoring.py     RewardFn, score_batch (each call under a deadline; failures score -1), RewardTimeout.
+problems.py    ProblemScorer: the reward of a response to a training / evaluation Problem, with
+               `--reward_fn module:function` or the built-in problem_reward (rollouts and evaluation).
 """
 from .answers import answers_match, extract_answer, normalize_answer
 from .reward_fns import gym_reward, math_reward

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from .data import Problem
-from .rewards import gym_reward, math_reward, score_batch
+from ..data import Problem
+from .reward_fns import gym_reward, math_reward
+from .scoring import score_batch
 
 
 def problem_sample(p: Problem, response_ids: list[int] | None = None) -> dict:
