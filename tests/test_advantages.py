@@ -1,5 +1,5 @@
 """Tree advantage, GRPO / REINFORCE++ baselines and whitening against hand-computed values
-(TREEPO_SPEC.md section 2), and whitening across a real 2-process gloo group."""
+(docs/algorithm.md section 2), and whitening across a real 2-process gloo group."""
 import os
 import random
 import tempfile

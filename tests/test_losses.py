@@ -1,4 +1,4 @@
-"""DAPO policy loss (TREEPO_SPEC.md section 3): values and gradients against hand-computed
+"""DAPO policy loss (docs/algorithm.md section 3): values and gradients against hand-computed
 numbers for every clip branch, token-mean normalisation over micro-batches, KL terms, and the
 chunked log-prob / entropy helpers against plain PyTorch."""
 import math

@@ -1,4 +1,4 @@
-"""Rewards (docs/algorithm.md, section "Reward"): answer extraction, a table of tricky answers verified with
+"""Rewards (docs/algorithm.md section 4): answer extraction, a table of tricky answers verified with
 math-verify + the normalised compare, failure-proof batch scoring (exceptions, timeouts, a hung
 sympy), use from non-main threads, and reasoning-gym's own checker."""
 import json
@@ -102,7 +102,7 @@ def test_answers_match_is_exact_for_numbers():
 
 
 def test_math_verify_default_timeouts_fail_in_threads():
-    """The premise (docs/training.md, section "Rewards"): math-verify with its default signal timeouts cannot run
+    """The premise (docs/training.md section 5): math-verify with its default signal timeouts cannot run
     off the main thread; math_reward can."""
     from math_verify import parse, verify
 

@@ -1,5 +1,5 @@
 """Advantages: the TreePO tree (sub-group) advantage, GRPO and REINFORCE++-baseline baselines, and
-global token-level whitening (TREEPO_SPEC.md section 2; TreePO, arXiv 2508.17445).
+global token-level whitening (docs/algorithm.md section 2; TreePO, arXiv 2508.17445).
 
 TreePO's rollouts share prefixes, so a leaf is compared not only with all leaves of its prompt
 (the root group, as in GRPO) but also with the leaves that share each of its prefix segments: the
@@ -41,7 +41,7 @@ def _out_dtype(R: torch.Tensor) -> torch.dtype:
 def tree_advantages(rewards: torch.Tensor, paths: list[list[int]], prompt_index: torch.Tensor,
                     aggregation: str = "average", include_root: bool = True,
                     reject_flat_subgroups: bool = False, max_subgroup_depth: int | None = None) -> torch.Tensor:
-    """TreePO sub-group advantage per leaf (TREEPO_SPEC.md section 2).
+    """TreePO sub-group advantage per leaf (docs/algorithm.md section 2).
 
     rewards:      [N] float, R_i of each leaf (after any overlong shaping).
     paths:        N lists of node ids at depth 1..depth(i) (Leaf.path / trees_to_batch's "paths").

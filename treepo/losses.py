@@ -1,4 +1,4 @@
-"""DAPO-family policy loss and the log-prob helpers it needs (TREEPO_SPEC.md section 3).
+"""DAPO-family policy loss and the log-prob helpers it needs (docs/algorithm.md section 3).
 
 TreePO (arXiv 2508.17445) trains with the DAPO objective (arXiv 2503.14476): PPO's clipped
 surrogate with decoupled clip ranges ("clip-higher", eps_low 0.2 / eps_high 0.28), the dual clip
@@ -27,7 +27,7 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
                 token_count: int | float | torch.Tensor | None = None, logp_ref: torch.Tensor | None = None,
                 kl_coef: float = 0.0, kl_type: str = "k3",
                 entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy-gradient loss (DAPO / TREEPO_SPEC.md 3), token-mean over the optimizer step.
+    """Clipped policy-gradient loss (DAPO; docs/algorithm.md section 3), token-mean over the optimizer step.
 
     logp:       [B, T] log-probs of the taken tokens under the policy being trained (has grad).
     logp_old:   [B, T] the same under the policy that sampled them (recomputed by the trainer).
@@ -163,7 +163,7 @@ class _SelectiveLogProbs(torch.autograd.Function):
 
 def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Log-prob of each label: log_softmax(logits.float(), -1).gather(-1, labels), without a full
-    log-softmax (TRAINER_NOTES.md "Numerics"; TRL #3678).
+    log-softmax (docs/training.md section 4; TRL #3678).
 
     logits [B, T, V] (any float dtype; any leading dims), labels [B, T] integer in [0, V) or
     negative (ignored: log-prob 0, no gradient) -> [B, T] float32. Rows (B*T) are processed

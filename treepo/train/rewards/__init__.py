@@ -1,4 +1,4 @@
-"""Rewards: +1 for a correct final answer, -1 otherwise (docs/algorithm.md, section "Reward").
+"""Rewards: +1 for a correct final answer, -1 otherwise (docs/algorithm.md section 4).
 
 answers.py     extract_answer, normalize_answer, answers_match: what the final answer is, and the
                fast string / exact-number compare.

@@ -3,7 +3,7 @@
 Why this is more than a regex and string equality:
 - The answer is the last complete \\boxed{...} (nested braces; text_rules), else the last
   "answer is X" / "Answer: X" / "#### X" / "<answer>X</answer>" form. A response without one
-  of these scores -1 (docs/algorithm.md, section "Reward"): the model is not credited for a
+  of these scores -1 (docs/algorithm.md section 4): the model is not credited for a
   number that merely appears in its text.
 - The normalised string / exact-number compare (answers_match) runs before math-verify in
   math_reward: a fast path that needs no sympy, and a fallback for the few forms math-verify

@@ -1,6 +1,6 @@
 """The reward functions the trainer picks from: +1.0 for a correct final answer, -1.0 otherwise.
 
-See docs/algorithm.md, section "Reward". Both take the answer that extract_answer finds (none ->
+See docs/algorithm.md section 4. Both take the answer that extract_answer finds (none ->
 -1) and differ in who judges it:
 - math_reward: answers_match (normalised string / exact number), then math-verify in its own
   worker process (verifier.py), so it is safe from any thread and never hangs a training step.

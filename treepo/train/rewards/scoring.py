@@ -5,7 +5,7 @@ like 9^{9^{9^{9}}}). One bad response must not stop a training step, so score_ba
 call in a worker thread with a deadline; an exception or overrun scores -1 (accuracy 0), is
 counted, and the batch goes on. A thread cannot be killed, so an overrunning call is abandoned
 and a fresh thread serves the rest. Signal-based timeouts (SIGALRM) are no substitute: they work
-only in the main thread. See docs/training.md, section "Rewards".
+only in the main thread. See docs/training.md section 5.
 """
 from __future__ import annotations
 

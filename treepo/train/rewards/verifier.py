@@ -8,7 +8,7 @@ Why not a plain call to math_verify.verify:
   at a deadline: sympy can loop for minutes on answers like 9^{9^{9^{9}}}, and a thread cannot
   be stopped. So math_reward works from any thread and never hangs a training step.
 - math-verify's `verify` is asymmetric: the gold answer goes first.
-See docs/training.md, section "Rewards".
+See docs/training.md section 5.
 """
 from __future__ import annotations
 
