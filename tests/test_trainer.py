@@ -92,15 +92,24 @@ def test_evaluation_scores_with_the_configured_reward_fn(tiny):
 def test_fsdp_two_processes_match_one(tiny, tmp_path):
     model, task = tiny
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run(flags(model, task, one, steps=2))
-    run(flags(model, task, two, steps=2), nproc=2)
+    run(flags(model, task, one, steps=2, warmup_steps=2))
+    run(flags(model, task, two, steps=2, warmup_steps=2), nproc=2)
     a = [r for r in metrics(one) if "actor/pg_loss" in r]
     b = [r for r in metrics(two) if "actor/pg_loss" in r]
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         assert ra["reward/mean"] == pytest.approx(rb["reward/mean"], abs=1e-6)  # same samples
-        for k in ("actor/pg_loss", "actor/grad_norm", "actor/entropy"):
+        for k in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "adv/mean", "adv/std",
+                  "mismatch/sampler_vs_trainer_logp"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-5), k
+    # actor/lr is the rate the step used: half of lr during the 2-step warm-up, then lr
+    assert [r["actor/lr"] for r in a] == pytest.approx([3e-3 / 2, 3e-3])
+    # held-out evaluation over 4 problems: each rank scores 2, the reduction gives all 4
+    ev_one = [r for r in metrics(one) if "eval/heldout/problems" in r]
+    ev_two = [r for r in metrics(two) if "eval/heldout/problems" in r]
+    assert [r["eval/heldout/problems"] for r in ev_two] == [r["eval/heldout/problems"] for r in ev_one] == [4, 4]
+    for r1, r2 in zip(ev_one, ev_two):
+        assert sorted(r1) == sorted(r2)
 
 
 def test_resume_matches_uninterrupted_and_export_loads(tiny, tmp_path):

@@ -23,7 +23,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
                 port = s.getsockname()[1]
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # on CUDA, host-side scalars (metrics, token counts) go through gloo and tensors on the GPU
+        # through nccl: plain "nccl" cannot reduce CPU tensors
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():

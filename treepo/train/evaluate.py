@@ -24,12 +24,16 @@ def evaluate(engine, problems: list[Problem], scorer: ProblemScorer, n: int = 4,
              max_tokens: int = 256, seed: int = 0, ks: tuple[int, ...] | None = None) -> dict:
     """Sample n completions per problem and score them with `scorer` (accuracy 1 where reward > 0).
 
-    Returns {source: {"mean@n", "maj@n", "pass@k"..., "problems"}, "overall": size-weighted}."""
+    Returns {source: {"mean@n", "maj@n", "pass@k"..., "response_len", "problems"}, "overall":
+    size-weighted}; every metric key is present in every entry (maj@n is 0 for a problem where no
+    response gives an answer), and "overall" has them all even for an empty problem list, so
+    ranks reduce the same keys (reduce_eval)."""
     tok = engine.tokenizer
     prompts = [render_prompt(tok, p.question) for p in problems]
     outs = engine.generate(prompts, SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed))
     ks = ks or tuple(sorted({1, n}))
-    per = defaultdict(lambda: defaultdict(float))
+    keys = metric_keys(ks)
+    per = defaultdict(lambda: dict.fromkeys(keys, 0.0))
     counts = Counter()
     texts = [c.text for comps in outs for c in comps]
     _, all_accs, _ = scorer.score(texts, [p for p in problems for _ in range(n)],
@@ -53,19 +57,24 @@ def evaluate(engine, problems: list[Problem], scorer: ProblemScorer, n: int = 4,
     for src, m in per.items():
         result[src] = {key: v / counts[src] for key, v in m.items()} | {"problems": counts[src]}
     total = sum(counts.values())
-    keys = sorted({k for m in result.values() for k in m if k != "problems"})
-    result["overall"] = {k: sum(result[s][k] * counts[s] for s in counts) / total for k in keys} | {"problems": total}
+    result["overall"] = {k: sum(result[s][k] * counts[s] for s in counts) / max(total, 1) for k in keys} | {
+        "problems": total}
     return result
 
 
+def metric_keys(ks: tuple[int, ...]) -> list[str]:
+    return sorted(["mean@n", "maj@n", "response_len"] + [f"pass@{k}" for k in ks])
+
+
 def reduce_eval(ev: dict, name: str) -> dict:
-    """eval/<name>/<metric>: the problem-weighted mean of each rank's "overall" (a collective)."""
+    """eval/<name>/<metric>: the problem-weighted mean of each rank's "overall" (a collective:
+    every rank reduces the same keys in the same order, whatever its slice held)."""
     out = {}
-    o = ev.get("overall", {})
-    n = o.get("problems", 0)
+    o = ev["overall"]
+    n = o["problems"]
     tot = all_reduce_scalar(n)
-    for k, v in sorted(o.items()):  # same order on every rank: these are collectives
+    for k in sorted(o):
         if k != "problems":
-            out[f"eval/{name}/{k}"] = all_reduce_scalar(v * n) / max(tot, 1)
+            out[f"eval/{name}/{k}"] = all_reduce_scalar(o[k] * n) / max(tot, 1)
     out[f"eval/{name}/problems"] = tot
     return out

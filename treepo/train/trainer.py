@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -32,7 +33,7 @@ from treepo.rollout.tree import trees_to_batch
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
 from .data import PromptStream, gsm8k_test, gym_problems, jsonl_problems
-from .distributed import all_max, init_distributed, shard_model
+from .distributed import all_max, all_reduce_scalar, init_distributed, shard_model
 from .evaluate import evaluate, reduce_eval
 from .metrics import MetricsLog, TokenWeighted, eval_line, progress_line, rollout_metrics, timing_metrics
 from .rewards.problems import ProblemScorer
@@ -233,11 +234,12 @@ class Trainer:
             else:
                 skipped += 1
             grad_norms.append(float(gn))
+        lr = self.sched.get_last_lr()[0]  # the rate this step used (read before the scheduler moves on)
         self.sched.step()
         m = acc.reduce("actor/")
         m["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         m["actor/skipped_steps"] = skipped
-        m["actor/lr"] = self.sched.get_last_lr()[0]
+        m["actor/lr"] = lr
         return m
 
     def train_step(self) -> dict:
@@ -260,15 +262,30 @@ class Trainer:
         self.step += 1
         N = batch.rows if batch is not None else 0
         m |= rollout_metrics(rollout.stats, len(rollout.groups), N, cfg.max_response_len)
-        if N:
-            adv = batch.advantages
-            m["adv/mean"], m["adv/std"] = float(adv.mean()), float(adv.std()) if N > 1 else 0.0
-            valid = batch.mask.bool()
-            m["mismatch/sampler_vs_trainer_logp"] = float(
-                (batch.sampler_logprobs[valid] - old_lp[valid]).abs().mean())
+        m |= self._batch_metrics(batch, old_lp)
         timing["step"] = time.perf_counter() - t_step
         m |= timing_metrics(timing)
         m["perf/tokens_per_s"] = m["sampling/tokens_processed"] / max(m["timing/step"], 1e-9)
+        return m
+
+    @staticmethod
+    def _batch_metrics(batch: StepBatch | None, old_lp: torch.Tensor | None) -> dict:
+        """adv/mean, adv/std (per leaf, before whitening) and the sampler-vs-trainer log-prob gap
+        (mean |difference| per response token), over all ranks (collectives)."""
+        adv = batch.advantages.double() if batch is not None else torch.zeros(0, dtype=torch.float64)
+        n, s, sq = (all_reduce_scalar(x) for x in (adv.numel(), float(adv.sum()), float((adv * adv).sum())))
+        m = {}
+        if n:
+            mean = s / n
+            m["adv/mean"] = mean
+            m["adv/std"] = math.sqrt(max(sq - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
+        gap, tokens = 0.0, 0.0
+        if batch is not None:
+            valid = batch.mask.bool()
+            gap, tokens = float((batch.sampler_logprobs[valid] - old_lp[valid]).abs().sum()), float(valid.sum())
+        gap, tokens = all_reduce_scalar(gap), all_reduce_scalar(tokens)
+        if tokens:
+            m["mismatch/sampler_vs_trainer_logp"] = gap / tokens
         return m
 
     # ------------------------------------------------------------------ eval / save / loop
