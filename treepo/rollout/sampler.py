@@ -82,10 +82,10 @@ class TreeSampler:
             if len(p) + cfg.max_response_len > eng.max_model_len:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_response_len="
                                  f"{cfg.max_response_len} it exceeds max_model_len={eng.max_model_len}")
-        self._stop_ids = eng._stop_ids(params)
+        self._stop_ids = eng.stop_token_ids(params)
         t0 = time.perf_counter()
-        counters0 = dict(eng.runner.counters)
-        eng.kv.reset_peak()
+        counters0 = eng.counters()
+        eng.reset_peak_kv()
         keys = list(range(len(prompts))) if keys is None else list(keys)
         if len(keys) != len(prompts):
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
@@ -95,12 +95,13 @@ class TreeSampler:
         self._timing = {"decode": 0.0, "branch": 0.0}
         # admit prompts in waves that surely fit the page pool (no-sharing bound: nothing to preempt)
         per_prompt = [self._page_bound(len(p)) for p in prompts]
-        if per_prompt and max(per_prompt) > eng.kv.num_pages:
-            raise KVCacheExhausted(max(per_prompt), eng.kv.num_free, eng.kv.num_pages)
+        usage = eng.kv_usage()
+        if per_prompt and max(per_prompt) > usage.num_pages:
+            raise KVCacheExhausted(max(per_prompt), usage.num_free, usage.num_pages)
         todo = list(range(len(prompts)))
         try:
             while todo:
-                wave, budget = [], eng.kv.num_free
+                wave, budget = [], eng.kv_usage().num_free
                 while todo and (not wave or per_prompt[todo[0]] <= budget):
                     budget -= per_prompt[todo[0]]
                     wave.append(todo.pop(0))
@@ -109,11 +110,12 @@ class TreeSampler:
             for st in states:
                 self._release(st)
         wall = time.perf_counter() - t0
-        fwd = eng.runner.counters["forward_passes"] - counters0["forward_passes"]
+        fwd = eng.counters()["forward_passes"] - counters0["forward_passes"]
         eng.sync_counters()
+        peak = eng.kv_usage().peak_used
         for st in states:
             s = st.tree.stats
-            s.forward_passes, s.peak_kv_pages, s.wall_time = fwd, eng.kv.peak_used, wall
+            s.forward_passes, s.peak_kv_pages, s.wall_time = fwd, peak, wall
             s.decode_time, s.branch_time = self._timing["decode"], self._timing["branch"]
             if len(st.tree.leaves) < cfg.max_width and s.limit is None:
                 s.limit = "fallback disabled" if not cfg.fallback else "no candidates"
@@ -128,7 +130,7 @@ class TreeSampler:
         W - F - f = W - F_new, and both the budget `total = max(a, min(W - F, b (a + f)))` and a
         fallback's min(b, W - F) children keep that. Each holds at most one full-length chain of
         pages (+1 for a fork's copied tail page); one more chain covers a fallback stub."""
-        P, W = self.engine.kv.page_size, self.config.max_width
+        P, W = self.engine.kv_usage().page_size, self.config.max_width
         per_path = -(-(prompt_len + self.config.max_response_len + 1) // P) + 1
         return (W + 1) * per_path
 
