@@ -1,9 +1,9 @@
 """Engine behaviour: seeding, prefill-once forks, preemption, stops, bad input."""
 import pytest
 import torch
-
 from helpers import assert_close, tiny_hf_model
-from treepo import Engine, KVCacheExhausted, SamplingParams
+
+from treepo import Engine, EngineConfig, KVCacheExhausted, SamplingParams
 from treepo.engine.sampling import process_logits, sample
 
 
@@ -156,3 +156,31 @@ def test_fork_shares_prefix_pages(hf):
     for k in kids + [s]:
         eng.free(k)
     assert eng.kv.num_used == 0
+
+
+def test_engine_config_keywords_config_and_errors(hf):
+    """Keywords are EngineConfig fields; config= plus keywords overrides; bad settings name the field."""
+    a = make(hf, max_num_seqs=3)
+    b = Engine.from_model(hf, config=EngineConfig(num_pages=256, page_size=4, max_num_seqs=8), max_num_seqs=3)
+    assert a.engine_config == b.engine_config and b.engine_config.max_num_seqs == 3
+    p = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)
+    assert ids(a.generate(PROMPTS, p)) == ids(b.generate(PROMPTS, p)) == ids(make(hf).generate(PROMPTS, p))
+    usage = b.kv_usage()
+    assert (usage.page_size, usage.num_pages, usage.num_free) == (4, 256, 256) and usage.peak_used > 0
+    b.reset_peak_kv()
+    assert b.kv_usage().peak_used == 0
+    assert b.counters() == {k: getattr(b.stats, k) for k in ("prefill_tokens", "decode_tokens", "forward_passes")}
+    assert b.stop_token_ids(SamplingParams(stop_token_ids=[7])) == {7} | b.eos_token_ids
+    assert b.stop_token_ids(SamplingParams(stop_token_ids=[7], ignore_eos=True)) == {7}
+    with pytest.raises(TypeError, match="unknown engine setting.* max_seqs; EngineConfig fields are: device, "):
+        make(hf, max_seqs=4)
+    with pytest.raises(TypeError, match="config must be an EngineConfig"):
+        Engine(a.model, None, "cpu")
+    for bad, match in [(dict(page_size=0), "page_size=0; it must be an int >= 1"),
+                       (dict(num_pages=0), "num_pages=0; it must be None or an int >= 1"),
+                       (dict(max_model_len=1), "max_model_len=1"),
+                       (dict(kv_cache_memory=-5), "kv_cache_memory=-5"),
+                       (dict(kv_cache_memory=1 << 20, num_pages=4), "give one of them"),
+                       (dict(packed_weights="yes"), "packed_weights='yes'")]:
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(**bad)

@@ -1,7 +1,8 @@
 """Paged KV cache: refcounts, copy-on-fork tails, never writing a shared page, nothing leaked."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from treepo.engine.kv_cache import KVCacheExhausted, PagedKVCache
 from treepo_kernels import append_kv_ref

@@ -3,11 +3,19 @@ import random
 
 import pytest
 import torch
-
 from helpers import assert_close, tiny_hf_model
+
 from treepo import Engine, KVCacheExhausted, SamplingParams, TreeConfig, TreeSampler, trees_to_batch
-from treepo.rollout.text_rules import boxed_spans, has_repetition, last_boxed_content
-from treepo.rollout.sampler import _Path, _TreeState
+from treepo.rollout.branching import (
+    children_budget,
+    fallback_children,
+    logprob_allocation,
+    page_bound,
+    path_statistic,
+    uniform_allocation,
+)
+from treepo.rollout.text_rules import boxed_spans, has_repetition
+from treepo.rollout.tree import FALLBACK_CANDIDATES, FINISH_REASONS
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 41))]
 
@@ -118,35 +126,79 @@ def test_budget_transfer_formula(hf):
         assert nxt == (max(a, min(cfg.max_width - F, cfg.branch_factor * (a + f))) if a else 0), (d, a, f, F)
 
 
-def test_logprob_allocation():
-    cfg = TreeConfig(branch_policy="logprob", branch_temperature=0.5)
-    sampler = TreeSampler.__new__(TreeSampler)
-    sampler.config, sampler.training_step = cfg, 0
+def test_children_budget_formula():
+    """total = max(a, min(W - F, b * (a + f))): early stops give their budget to survivors, W caps it."""
+    assert children_budget(16, 0, 2, 0, 2) == 4  # nothing finished: b each
+    assert children_budget(16, 3, 2, 3, 2) == 10  # three stopped early: their 6 children go to the two
+    assert children_budget(16, 12, 3, 1, 2) == 4  # capped by the W - F = 4 leaves still to come
+    assert children_budget(16, 15, 3, 0, 2) == 3  # every survivor keeps one child, even past W - F
+    assert children_budget(4, 6, 1, 2, 2) == 1  # remaining is never negative
+    r = random.Random(0)
+    for _ in range(500):
+        W, b = r.randint(1, 20), r.randint(1, 5)
+        F, a, f = r.randint(0, W), r.randint(1, 8), r.randint(0, 4)
+        total = children_budget(W, F, a, f, b)
+        assert total == max(a, min(max(W - F, 0), b * (a + f))) and total >= a
+    assert fallback_children(16, 13, 2) == 2 and fallback_children(16, 15, 2) == 1
 
-    class S:  # a stand-in sequence
-        def __init__(self, lps):
-            self.logprobs, self.token_ids, self.num_prompt = lps, [0] * (len(lps) + 2), 2
 
-        @property
-        def num_tokens(self):
-            return len(self.token_ids)
-
+def test_uniform_allocation_spreads_the_remainder():
     r = random.Random(0)
     for _ in range(200):
         a = r.randint(1, 6)
         total = r.randint(a, 20)
-        paths = [_Path(S([r.uniform(-5, 0) for _ in range(4)]), 0, 0, 1, j, False, seg_start=2) for j in range(a)]
-        counts = sampler._allocate(_TreeState(0, None, random.Random(0)), paths, total)
-        assert all(c >= 1 for c in counts) and sum(counts) == total
-    # prefer="low": the least likely segment gets the most children
-    paths = [_Path(S([-0.1] * 4), 0, 0, 1, 0, False, seg_start=2), _Path(S([-3.0] * 4), 0, 0, 1, 1, False, seg_start=2)]
-    assert sampler._allocate(_TreeState(0, None, random.Random(0)), paths, 8) == [1, 7]
-    cfg.prefer = "high"
-    assert sampler._allocate(_TreeState(0, None, random.Random(0)), paths, 8) == [7, 1]
-    cfg.branch_policy = "uniform"
-    for _ in range(50):
-        counts = sampler._allocate(_TreeState(0, None, random.Random(r.random())), paths * 3, 11)
+        counts = uniform_allocation(total, a, random.Random(r.random()))
+        assert sum(counts) == total and max(counts) - min(counts) <= 1 and min(counts) >= 1
+    for seed in range(50):
+        counts = uniform_allocation(11, 6, random.Random(seed))
         assert sorted(counts) == [1, 2, 2, 2, 2, 2]  # remainder spread, not dumped on one path
+    assert {tuple(uniform_allocation(11, 6, random.Random(s))) for s in range(50)} != {(2, 2, 2, 2, 2, 1)}
+    assert uniform_allocation(8, 4, random.Random(3)) == [2] * 4
+
+
+def test_logprob_allocation():
+    r = random.Random(0)
+    for _ in range(200):
+        a = r.randint(1, 6)
+        total = r.randint(a, 20)
+        stats = [r.uniform(-5, 0) for _ in range(a)]
+        for prefer in ("low", "high"):
+            counts = logprob_allocation(stats, total, 0.5, prefer)
+            assert all(c >= 1 for c in counts) and sum(counts) == total
+    # prefer="low": the least likely segment gets the most children
+    assert logprob_allocation([-0.1, -3.0], 8, 0.5, "low") == [1, 7]
+    assert logprob_allocation([-0.1, -3.0], 8, 0.5, "high") == [7, 1]
+    # equal scores: an even split, the leftover by largest remainder with ties to the earlier path
+    assert logprob_allocation([-1.0] * 3, 7, 2.0, "low") == [3, 2, 2]
+    # a high temperature flattens the weights
+    assert logprob_allocation([-0.1, -3.0], 8, 100.0, "low") == [4, 4]
+    with pytest.raises(ValueError, match="prefer='middle'"):
+        logprob_allocation([0.0], 1, 1.0, "middle")
+
+
+def test_path_statistic():
+    lps = [-1.0, -2.0, -3.0, -6.0]  # the last two tokens are the new segment
+    assert path_statistic(lps, 2, "segment_mean") == -4.5
+    assert path_statistic(lps, 2, "path_mean") == -3.0
+    assert path_statistic(lps, 2, "path_sum") == -12.0
+    assert path_statistic([], 0, "segment_mean") == 0.0
+    with pytest.raises(ValueError, match="logprob_statistic='median'"):
+        path_statistic(lps, 2, "median")
+
+
+def test_page_bound_arithmetic():
+    # prompt 5 + response 16 + 1 pending token = 22 tokens: 6 pages of 4, +1 for a fork's tail copy
+    assert page_bound(5, 16, 8, 4) == (8 + 1) * 7
+    assert page_bound(3, 16, 8, 4) == 9 * 6  # 20 tokens: 5 pages (+1)
+    assert page_bound(3, 16, 1, 64) == 2 * 2
+
+
+def test_finish_reasons_are_one_list():
+    assert set(FALLBACK_CANDIDATES["any"]) == set(FINISH_REASONS)
+    assert set(FALLBACK_CANDIDATES["answered"]) == {"answer", "eos"} <= set(FINISH_REASONS)
+    assert TreeConfig(fallback_candidates="any").fallback_candidates == "any"
+    with pytest.raises(ValueError, match="fallback_candidates='all'; valid: answered, any"):
+        TreeConfig(fallback_candidates="all")
 
 
 def test_temperature_schedule():
@@ -159,9 +211,9 @@ def test_temperature_schedule():
 
 def test_boxed_and_repetition_rules():
     assert boxed_spans(r"so \boxed{\frac{1}{2}} and") == [(3, 22)]
-    assert last_boxed_content(r"\boxed{1} then \boxed{\dfrac{3}{4}}") == r"\dfrac{3}{4}"
-    assert last_boxed_content(r"\boxed{12") is None  # unclosed
-    assert last_boxed_content(r"a \boxed{{x}+{y}} b") == "{x}+{y}"
+    assert boxed_spans(r"\boxed{1} then \fbox{\dfrac{3}{4}}") == [(0, 9), (15, 34)]
+    assert boxed_spans(r"\boxed{1} \boxed{12") == [(0, 9)]  # unclosed: not complete
+    assert boxed_spans(r"a \boxed{{x}+{y}} b") == [(2, 17)]
     assert has_repetition("ab" * 10, window=4, count=9)  # "abab" at 0, 2, .., 16: overlaps count
     assert not has_repetition("ab" * 10, window=4, count=10)
     assert has_repetition([1, 2, 1, 2, 1, 2], window=2, count=3)
@@ -223,9 +275,9 @@ def test_repetition_priority(hf, priority, expect):
 
 def test_tree_saves_compute_and_frees_everything(hf):
     eng = engine(hf, eos=[])
-    W, l, d = 16, 4, 4
-    tree_cfg = TreeConfig(segment_len=l, max_depth=d, max_width=W, branch_factor=2, rep_count=0)
-    seq_cfg = TreeConfig.sequential(W, l * d, rep_count=0)
+    W, seg, d = 16, 4, 4
+    tree_cfg = TreeConfig(segment_len=seg, max_depth=d, max_width=W, branch_factor=2, rep_count=0)
+    seq_cfg = TreeConfig.sequential(W, seg * d, rep_count=0)
     trees = TreeSampler(eng, tree_cfg).sample(PROMPTS, SamplingParams(seed=0))
     assert eng.kv.num_used == 0
     seqs = TreeSampler(eng, seq_cfg).sample(PROMPTS, SamplingParams(seed=0))
@@ -252,13 +304,12 @@ def test_page_bound_holds_for_one_tree_and_admits_waves(hf):
             sampler = TreeSampler(eng, cfg)
             for p in PROMPTS:
                 tree = sampler.sample([p], SamplingParams(seed=seed))[0]
-                bound = sampler._page_bound(len(p))
+                bound = page_bound(len(p), cfg.max_response_len, cfg.max_width, eng.kv_usage().page_size)
                 assert tree.stats.peak_kv_pages <= bound, (ci, seed, len(p))
                 worst = max(worst, tree.stats.peak_kv_pages / bound)
     assert worst > 0.3  # the cases come near the bound: the check has teeth
     cfg = TreeConfig(**CONFIGS[0], rep_count=0)
-    probe = TreeSampler(engine(hf), cfg)
-    need = max(probe._page_bound(len(p)) for p in PROMPTS)
+    need = max(page_bound(len(p), cfg.max_response_len, cfg.max_width, 4) for p in PROMPTS)
     eng = engine(hf, num_pages=2 * need)
     trees = TreeSampler(eng, cfg).sample(PROMPTS, SamplingParams(seed=0))
     assert [len(t.leaves) for t in trees] == [cfg.max_width] * 3 and eng.kv.num_used == 0
@@ -274,8 +325,11 @@ def test_same_seed_same_trees(hf):
     cfg = TreeConfig(segment_len=4, max_depth=5, max_width=8, branch_factor=2, rep_count=0,
                      init_divergence="random", branch_policy="logprob")
     eng = engine(hf, eos=range(1, 30))
-    run = lambda: [[(leaf.token_ids, leaf.path, leaf.finish_reason) for leaf in t.leaves]
-                   for t in TreeSampler(eng, cfg).sample(PROMPTS, SamplingParams(seed=5))]
+
+    def run():
+        return [[(leaf.token_ids, leaf.path, leaf.finish_reason) for leaf in t.leaves]
+                for t in TreeSampler(eng, cfg).sample(PROMPTS, SamplingParams(seed=5))]
+
     a, b = run(), run()
     assert a == b
     cfg.seed = 6

@@ -1,10 +1,10 @@
 """treepo: TreePO tree-structured rollouts over a shared paged KV cache, and the RL trainer."""
-from treepo.engine.config import SamplingParams
+from treepo.engine.config import EngineConfig, SamplingParams
 from treepo.engine.engine import Completion, Engine
 from treepo.engine.kv_cache import KVCacheExhausted
-from treepo.rollout.tree import Leaf, Node, Tree, TreeConfig, trees_to_batch
 from treepo.rollout.sampler import TreeSampler
+from treepo.rollout.tree import Leaf, Node, Tree, TreeConfig, trees_to_batch
 
-__all__ = ["Engine", "SamplingParams", "Completion", "KVCacheExhausted", "TreeConfig", "TreeSampler",
-           "Tree", "Leaf", "Node", "trees_to_batch"]
+__all__ = ["Engine", "EngineConfig", "SamplingParams", "Completion", "KVCacheExhausted", "TreeConfig",
+           "TreeSampler", "Tree", "Leaf", "Node", "trees_to_batch"]
 __version__ = "0.1.0"

@@ -2,8 +2,13 @@
 config.json, the sampling parameters of a request, and the engine's resource settings."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -142,3 +147,66 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Resources of one Engine: device, attention backend, KV page pool and batch limits.
+
+    `Engine(model, tokenizer, **fields)` builds one from keywords (as vLLM's `LLM(**kwargs)` builds
+    its EngineArgs); `Engine(model, tokenizer, config=EngineConfig(...), **fields)` overrides some
+    fields of a given one."""
+
+    device: str | torch.device | None = None
+    """torch device (or its name) to run on; None: the model's own device."""
+    attention_backend: str = "auto"
+    """One of "auto", "torch", "cpu", "triton" (treepo/engine/attention checks the name; see README)."""
+    kv_cache_memory: int | float | None = None
+    """Bytes for the K and V page pools; None: 2 GiB on CPU, 60% of free memory on CUDA."""
+    num_pages: int | None = None
+    """Exact number of KV pages (instead of kv_cache_memory)."""
+    page_size: int = 16
+    """Tokens per KV page."""
+    max_num_seqs: int = 256
+    """Most sequences in one generate() step (each of a prompt's n samples counts)."""
+    max_num_batched_tokens: int = 8192
+    """Most tokens in one generate() step once something runs (a lone prompt may exceed it)."""
+    max_model_len: int | None = None
+    """Longest prompt + completion; None, or more than the model supports: the model's limit."""
+    packed_weights: bool | None = None
+    """Prepacked CPU GEMMs (treepo/engine/packed_model.py): None uses them where they work, True
+    insists (an error where they cannot run), False never."""
+
+    def __post_init__(self):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; it must be an int >= 1")
+        for name, low in (("num_pages", 1), ("max_model_len", 2)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name}={value!r}; it must be None or an int >= {low}")
+        mem = self.kv_cache_memory
+        if mem is not None and (not isinstance(mem, (int, float)) or not mem > 0):
+            raise ValueError(f"kv_cache_memory={mem!r}; it must be None or a number of bytes > 0")
+        if self.kv_cache_memory is not None and self.num_pages is not None:
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory} and num_pages={self.num_pages} "
+                             "both size the KV pool; give one of them")
+        if not isinstance(self.attention_backend, str):
+            raise ValueError(f"attention_backend={self.attention_backend!r}; it must be a name such as "
+                             "'auto', 'torch', 'cpu' or 'triton'")
+        if self.packed_weights not in (None, True, False):
+            raise ValueError(f"packed_weights={self.packed_weights!r}; it must be None (auto), True or False")
+
+    @classmethod
+    def build(cls, config: EngineConfig | None = None, **overrides) -> EngineConfig:
+        """`config` (default: all defaults) with the given fields replaced; an unknown keyword is
+        a TypeError that lists the valid fields."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be an EngineConfig, not {type(config).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unknown engine setting(s) {', '.join(unknown)}; EngineConfig fields are: "
+                            f"{', '.join(names)}")
+        return dataclasses.replace(config, **overrides) if config is not None else cls(**overrides)

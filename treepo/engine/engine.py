@@ -1,28 +1,29 @@
 """The public Engine: load a checkpoint, generate completions over the paged KV cache.
 
-`generate` prefills each prompt once, forks it n ways (shared prompt pages) and decodes every
-running sequence of every prompt in one batched forward per step. When the page pool runs short
-the newest sequences are preempted (pages freed, recomputed later), so nothing is lost; a single
-sequence that cannot fit the whole pool is a clear KVCacheExhausted error. The lower-level API
-(new_sequence / fork / forward / sample / free) is what the TreePO tree sampler drives.
+Settings are an EngineConfig (config.py). `generate` prefills each prompt once, forks it n ways
+(shared prompt pages) and decodes every running sequence of every prompt in one batched forward
+per step; the Scheduler (scheduler.py) decides what runs each step and preempts the newest
+sequences when the page pool runs short (pages freed, recomputed later), so nothing is lost. The
+lower-level API (new_sequence / fork / forward / sample_into / free, with stop_token_ids,
+counters, kv_usage and reset_peak_kv) is what the TreePO tree sampler drives.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention import make_backend
-from .config import SamplingParams
+from .config import EngineConfig, SamplingParams
 from .kv_cache import KVCacheExhausted, PagedKVCache
 from .loader import load_model, load_state
 from .model import CausalLM
 from .runner import Runner
+from .sampling import mix_seed, sample
+from .scheduler import SampleId, Scheduler, Step
 from .sequence import Sequence
 from .tokenizer import load_tokenizer
-from .sampling import mix_seed, sample
 
 
 @dataclass
@@ -46,42 +47,60 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class KVUsage:
+    """The page pool at one moment."""
+
+    page_size: int  # tokens per page
+    num_pages: int  # pages in the pool
+    num_free: int  # pages free now
+    peak_used: int  # most pages in use at once since the engine was made or reset_peak_kv()
+
+
 DEFAULT_KV_MEMORY_CPU = 2 << 30
 
 
 class Engine:
-    def __init__(self, model: CausalLM, tokenizer=None, device=None, attention_backend: str = "auto",
-                 kv_cache_memory: int | None = None, num_pages: int | None = None, page_size: int = 16,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 packed_weights: bool | None = None):
+    """`Engine(model, tokenizer=None, config=None, **settings)`: settings are EngineConfig fields
+    (device, attention_backend, kv_cache_memory, num_pages, page_size, max_num_seqs,
+    max_num_batched_tokens, max_model_len, packed_weights), given as keywords or as a config
+    (keywords override its fields)."""
+
+    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None, **settings):
+        ecfg = self.engine_config = EngineConfig.build(config, **settings)
         cfg = model.config
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(ecfg.device) if ecfg.device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.config = cfg
+        self.config = cfg  # the model's ModelConfig
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
-        self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        kv_args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-        if num_pages is not None:
-            self.kv = PagedKVCache(*kv_args, num_pages, page_size, self.dtype, self.device)
-        else:
-            if kv_cache_memory is None:
-                kv_cache_memory = DEFAULT_KV_MEMORY_CPU
-                if self.device.type == "cuda":
-                    free, _ = torch.cuda.mem_get_info(self.device)
-                    kv_cache_memory = int(free * 0.6)
-            self.kv = PagedKVCache.from_memory(kv_cache_memory, *kv_args, page_size, self.dtype, self.device)
-        self.backend = make_backend(attention_backend, self.device)
-        self.runner = Runner(self.model, self.kv, self.backend, self.device, self._packed(packed_weights))
+        self.max_model_len = min(ecfg.max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.kv = self._make_kv_cache(ecfg)
+        self.backend = make_backend(ecfg.attention_backend, self.device)
+        self.runner = Runner(self.model, self.kv, self.backend, self.device, self._packed(ecfg.packed_weights))
         self.eos_token_ids = set(cfg.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.stats = EngineStats(kv_pages_total=self.kv.num_pages)
 
     # ------------------------------------------------------------------ construction
+    def _make_kv_cache(self, ecfg: EngineConfig) -> PagedKVCache:
+        """num_pages pages, or as many as kv_cache_memory bytes hold (default: 2 GiB on a CPU,
+        60% of the free memory on CUDA)."""
+        cfg = self.config
+        kv_args = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        if ecfg.num_pages is not None:
+            return PagedKVCache(*kv_args, ecfg.num_pages, ecfg.page_size, self.dtype, self.device)
+        memory = ecfg.kv_cache_memory
+        if memory is None:
+            memory = DEFAULT_KV_MEMORY_CPU
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                memory = int(free * 0.6)
+        return PagedKVCache.from_memory(memory, *kv_args, ecfg.page_size, self.dtype, self.device)
+
     def _packed(self, want: bool | None):
-        """The prepacked-GEMM forward (treepo/packed_model.py): None (auto) uses it where it works
+        """The prepacked-GEMM forward (treepo/engine/packed_model.py): None (auto) uses it where it works
         (CPU, bf16, extension built with AVX512-BF16); True insists; False never."""
         if want is False:
             return None
@@ -95,14 +114,15 @@ class Engine:
         return PackedModel(self.model)
 
     @classmethod
-    def from_pretrained(cls, path: str, device=None, dtype=None, attention_backend: str = "auto", **kw):
+    def from_pretrained(cls, path: str, device=None, dtype=None, attention_backend: str = "auto", **settings):
+        """Load a Hugging Face checkpoint directory and its tokenizer; `settings` as for Engine()."""
         model = load_model(path, dtype=dtype, device=device)
-        return cls(model, load_tokenizer(path), device=device, attention_backend=attention_backend, **kw)
+        return cls(model, load_tokenizer(path), device=device, attention_backend=attention_backend, **settings)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, **kw):
+    def from_model(cls, model, tokenizer=None, **settings):
         """Wrap our CausalLM (weights shared) or a transformers causal LM (weights shared: our
-        modules are given the same tensors)."""
+        modules are given the same tensors); `settings` as for Engine()."""
         if not isinstance(model, CausalLM):
             from .config import ModelConfig
             hf_cfg = model.config.to_dict()
@@ -113,7 +133,7 @@ class Engine:
             ours.hf_config = hf_cfg
             device = next(model.parameters()).device
             model = ours.to(device)
-        return cls(model, tokenizer, **kw)
+        return cls(model, tokenizer, **settings)
 
     # ------------------------------------------------------------------ validation
     def check_prompt(self, ids, what: str = "prompt") -> list[int]:
@@ -133,7 +153,8 @@ class Engine:
                              "(the prompt plus at least one new token must fit)")
         return ids
 
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
+    def stop_token_ids(self, params: SamplingParams) -> set[int]:
+        """Token ids that end a sequence under params: its stop ids, and EOS unless ignore_eos."""
         stop = set(params.stop_token_ids)
         return stop if params.ignore_eos else stop | self.eos_token_ids
 
@@ -202,7 +223,22 @@ class Engine:
         self.kv.free(seq.table)
         seq.num_cached = 0
 
-    def sync_counters(self):
+    # ------------------------------------------------------------------ accounting
+    def counters(self) -> dict[str, int]:
+        """A snapshot of the work done since the engine was made: prefill_tokens, decode_tokens,
+        forward_passes."""
+        return dict(self.runner.counters)
+
+    def kv_usage(self) -> KVUsage:
+        kv = self.kv
+        return KVUsage(kv.page_size, kv.num_pages, kv.num_free, kv.peak_used)
+
+    def reset_peak_kv(self) -> None:
+        """Start measuring KVUsage.peak_used afresh (from the pages in use now)."""
+        self.kv.reset_peak()
+
+    def sync_counters(self) -> EngineStats:
+        """Copy the work counters and the KV peak into self.stats, and return it."""
         for k, v in self.runner.counters.items():
             setattr(self.stats, k, v)
         self.stats.peak_kv_pages = max(self.stats.peak_kv_pages, self.kv.peak_used)
@@ -215,55 +251,43 @@ class Engine:
         single = prompt_token_ids and isinstance(prompt_token_ids[0], int)
         prompts = [self.check_prompt(p, f"prompt {i}")
                    for i, p in enumerate([prompt_token_ids] if single else prompt_token_ids)]
-        stop_ids = self._stop_ids(params)
+        ecfg = self.engine_config
+        sched = Scheduler(self.kv, prompts, params, self.stop_token_ids(params), self.max_model_len,
+                          ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
-        waiting = deque((i, None) for i in range(len(prompts)))  # (prompt index, preempted seq or None)
-        running: list[Sequence] = []
         t0 = time.perf_counter()
         try:
-            while waiting or running:
-                self._preempt_to_fit(running, waiting)
-                admitted = self._admit(waiting, running, prompts, params)
-                batch = running + admitted
-                if not batch:  # nothing fits even alone
-                    i, seq = waiting[0]
-                    n_tok = seq.num_tokens if seq else len(prompts[i])
-                    raise KVCacheExhausted(self.kv.pages_for(n_tok + 1), self.kv.num_free, self.kv.num_pages)
-                logits = self.forward(batch)
-                rows, seqs = [], []
-                for r, s in enumerate(batch):
-                    if s.tag[1] is None:  # a new prompt: fork its samples off the prefilled parent
-                        kids = [s] + self.fork(s, params.n - 1) if params.n > 1 else [s]
-                        for j, c in enumerate(kids):
-                            c.tag = (s.tag[0], j)
-                            rows.append(r)
-                            seqs.append(c)
-                    else:
-                        rows.append(r)
-                        seqs.append(s)
-                logits = logits[torch.tensor(rows, device=logits.device)] if len(rows) != len(batch) else logits
+            while not sched.done:
+                step = sched.schedule()
+                logits = self.forward(step.seqs)
+                seqs, logits = self._fork_new_prompts(step, logits, params.n)
                 tokens = self.sample_into(seqs, logits, params, [s.tag for s in seqs])
-                running = []
-                for k, s in enumerate(seqs):
-                    n_out = s.num_tokens - s.num_prompt
-                    if tokens[k] in stop_ids:
-                        s.finish_reason = "stop"
-                    elif n_out >= params.max_tokens or s.num_tokens >= self.max_model_len:
-                        s.finish_reason = "length"
-                    if s.finish_reason:
-                        self.free(s)
-                        results[s.tag[0]][s.tag[1]] = self._completion(s, params)
-                    else:
-                        running.append(s)
-        finally:
-            for s in running:
-                self.free(s)
-            for _, s in waiting:
-                if s is not None:
+                for s in sched.postprocess(seqs, tokens):
                     self.free(s)
+                    results[s.tag.prompt][s.tag.sample] = self._completion(s, params)
+        finally:
+            for s in sched.unfinished():
+                self.free(s)
+            self.stats.preemptions += sched.num_preemptions
             self.stats.wall_time += time.perf_counter() - t0
             self.sync_counters()
         return results
+
+    def _fork_new_prompts(self, step: Step, logits: torch.Tensor, n: int) -> tuple[list[Sequence], torch.Tensor]:
+        """Each new prompt of the step, just prefilled, forks into its n samples (sharing its
+        pages; they all sample from its logits row). Returns the sequences and their logits rows."""
+        rows, seqs = [], []
+        for r, s in enumerate(step.seqs):
+            group = [s]
+            if s.seq_id in step.new_prompts and n > 1:
+                group += self.fork(s, n - 1)
+                for j, c in enumerate(group):
+                    c.tag = SampleId(s.tag.prompt, j)
+            rows += [r] * len(group)
+            seqs += group
+        if len(rows) != len(step.seqs):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return seqs, logits
 
     def _completion(self, s: Sequence, params: SamplingParams) -> Completion:
         out = s.output_ids
@@ -272,45 +296,3 @@ class Engine:
             text = self.tokenizer.decode(out, skip_special_tokens=True)
         return Completion(out, list(s.logprobs), s.finish_reason,
                           list(s.model_logprobs) if params.return_model_logprobs else None, text)
-
-    def _preempt_to_fit(self, running: list[Sequence], waiting: deque):
-        """Free the newest running sequences until every other one can grow by a token."""
-        while running:
-            need = sum(self.kv.growth_needed(s.table, s.num_tokens) for s in running)
-            if need <= self.kv.num_free or len(running) == 1:
-                return
-            victim = running.pop()
-            self.free(victim)
-            waiting.appendleft((victim.tag[0], victim))
-            self.stats.preemptions += 1
-
-    def _admit(self, waiting: deque, running: list[Sequence], prompts, params) -> list[Sequence]:
-        """Move waiting prompts / preempted sequences into this step while pages and budgets allow.
-
-        A new prompt reserves its pages, the tail copies of its n-1 forks, and one page of growth
-        per sample, so forking right after its prefill cannot fail."""
-        admitted: list[Sequence] = []
-        free = self.kv.num_free - sum(self.kv.growth_needed(s.table, s.num_tokens) for s in running)
-        n_seqs, n_tokens = len(running), len(running)
-        while waiting:
-            i, seq = waiting[0]
-            n_tok = seq.num_tokens if seq is not None else len(prompts[i])
-            samples = 1 if seq is not None else params.n
-            pages = self.kv.pages_for(n_tok) + samples
-            if seq is None and params.n > 1 and n_tok % self.kv.page_size:
-                pages += params.n - 1
-            fits = pages <= free and n_seqs + samples <= self.max_num_seqs
-            if admitted or running:
-                fits = fits and n_tokens + n_tok <= self.max_num_batched_tokens
-            elif pages > free:  # alone on an empty engine: start it if it fits at all
-                fits = self.kv.pages_for(n_tok + 1) <= free
-            if not fits:
-                break
-            waiting.popleft()
-            if seq is None:
-                seq = Sequence(prompts[i], tag=(i, None))
-            admitted.append(seq)
-            free -= pages
-            n_seqs += samples
-            n_tokens += n_tok
-        return admitted

@@ -1,6 +1,6 @@
 """Paged KV cache: one K and one V pool for all layers, fixed-size pages, refcounted sharing.
 
-Layout (KERNELS.md): k[layer] and v[layer] are [num_pages, num_kv_heads, page_size, head_dim].
+Layout (docs/kernels.md): k[layer] and v[layer] are [num_pages, num_kv_heads, page_size, head_dim].
 A sequence owns a block table (list of page ids); token t of the sequence lives in page
 table[t // page_size] at offset t % page_size. `fork` gives a child every full page of the parent
 by reference (refcount + 1) and a private copy of the partial tail page, so appends - which only

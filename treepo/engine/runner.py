@@ -12,6 +12,7 @@ from .kv_cache import PagedKVCache
 from .model import CausalLM
 from .sequence import Sequence
 
+
 class Runner:
     """Owns the model, the KV pool and the attention backend; counts work done."""
 

@@ -1,12 +1,12 @@
 """TreePO tree sampler: segment-level tree search over the engine's shared paged KV cache.
 
-TREEPO_SPEC.md section 1, level-synchronous over all prompts of a batch:
+docs/algorithm.md section 1 ("Tree sampling"), level-synchronous over all prompts of a batch:
 1. every prompt is prefilled once; its root forks into b0 children (fixed b or random);
 2. all active paths of all prompts decode one segment together, token by token, one batched
    forward per token (a path that samples EOS stops early and waits);
 3. each new segment is classified (repetition / answer / eos / max_len / max_depth / active);
 4. per prompt, the children budget moves from early-stopped paths to survivors
-   (total = max(a, min(W - F, b * (a + f)))), spread uniformly or by log-prob;
+   (total = max(a, min(W - F, b * (a + f)))), spread uniformly or by log-prob (branching.py);
 5. a prompt with no active path and fewer than W leaves falls back depth-first: a random
    answered leaf is cut at a segment boundary and min(b, W - F) children continue from exactly
    prompt + response[:k * l] - the fork shares that prefix's pages, nothing is re-prefilled
@@ -14,6 +14,8 @@ TREEPO_SPEC.md section 1, level-synchronous over all prompts of a batch:
 A child is a fork *after* its parent's next-token forward: the children share every KV page of
 the parent (the tail page copied) and draw different first tokens from the same logits row.
 Finished leaves keep their pages until their prompt's tree is complete (fallback needs them).
+The sampler drives the engine's public low-level API (new_sequence, fork, forward, sample_into,
+free) and reads its accounting (counters, kv_usage) for the tree stats.
 """
 from __future__ import annotations
 
@@ -26,31 +28,37 @@ import torch
 from treepo.engine.config import SamplingParams
 from treepo.engine.engine import Engine
 from treepo.engine.kv_cache import KVCacheExhausted
-from treepo.engine.sequence import Sequence
 from treepo.engine.sampling import mix_seed
+from treepo.engine.sequence import Sequence
+
+from . import branching
 from .text_rules import boxed_spans, has_repetition
-from .tree import Leaf, Node, Tree, TreeConfig, TreeStats
+from .tree import FALLBACK_CANDIDATES, Leaf, Node, Tree, TreeConfig, TreeStats
 
 
 @dataclass
 class _Path:
+    """One path of a tree while it grows: its sequence and where its current segment hangs."""
+
     seq: Sequence
     prompt: int  # index of the prompt (tree) in the batch
     parent_node: int  # node this path's current segment hangs under
     depth: int  # depth of the current segment's node
     uid: int  # per-tree path id: the sampling stream
-    from_fallback: bool
+    from_fallback: bool  # the path continues a fallback (its leaf will say so)
     n_children: int = 1  # children to fork at the next level (parents only)
     seg_start: int = 0  # index in seq.token_ids where the current segment starts
     seg_limit: int = 0  # tokens the current segment may take
     done: bool = False  # segment finished (length reached or EOS)
-    eos: bool = False
+    eos: bool = False  # the segment ended on a stop token
     node: int | None = None  # node created for the current segment
-    fresh: bool = False  # a root or fallback stub: its pending tokens count as prefill
+    prefill: bool = False  # a root or fallback stub: its pending tokens count as prefill
 
 
 @dataclass
 class _TreeState:
+    """One prompt's tree while it is sampled."""
+
     index: int  # the prompt's index in the batch
     tree: Tree
     rng: random.Random
@@ -72,7 +80,8 @@ class TreeSampler:
         self.training_step = 0  # for the branching-temperature schedule
 
     # ------------------------------------------------------------------ public
-    def sample(self, prompt_token_ids, params: SamplingParams | None = None, keys: list[int] | None = None) -> list[Tree]:
+    def sample(self, prompt_token_ids, params: SamplingParams | None = None,
+               keys: list[int] | None = None) -> list[Tree]:
         """One tree per prompt. `keys` (default: the prompt's index) name each prompt's random
         streams, so a prompt gets the same tree whatever batch or rank it is sampled in."""
         params = params or SamplingParams()
@@ -82,57 +91,49 @@ class TreeSampler:
             if len(p) + cfg.max_response_len > eng.max_model_len:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_response_len="
                                  f"{cfg.max_response_len} it exceeds max_model_len={eng.max_model_len}")
-        self._stop_ids = eng._stop_ids(params)
+        self._stop_ids = eng.stop_token_ids(params)
         t0 = time.perf_counter()
-        counters0 = dict(eng.runner.counters)
-        eng.kv.reset_peak()
+        counters0 = eng.counters()
+        eng.reset_peak_kv()
         keys = list(range(len(prompts))) if keys is None else list(keys)
         if len(keys) != len(prompts):
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         self._keys = keys
-        states = [_TreeState(i, Tree(p, [Node(0, None, 0)], [], TreeStats()), random.Random(mix_seed(cfg.seed, keys[i])))
-                  for i, p in enumerate(prompts)]
+        states = [_TreeState(i, Tree(p, [Node(0, None, 0)], [], TreeStats()),
+                             random.Random(mix_seed(cfg.seed, keys[i]))) for i, p in enumerate(prompts)]
         self._timing = {"decode": 0.0, "branch": 0.0}
         # admit prompts in waves that surely fit the page pool (no-sharing bound: nothing to preempt)
-        per_prompt = [self._page_bound(len(p)) for p in prompts]
-        if per_prompt and max(per_prompt) > eng.kv.num_pages:
-            raise KVCacheExhausted(max(per_prompt), eng.kv.num_free, eng.kv.num_pages)
+        usage = eng.kv_usage()
+        per_prompt = [branching.page_bound(len(p), cfg.max_response_len, cfg.max_width, usage.page_size)
+                      for p in prompts]
+        if per_prompt and max(per_prompt) > usage.num_pages:
+            raise KVCacheExhausted(max(per_prompt), usage.num_free, usage.num_pages)
         todo = list(range(len(prompts)))
         try:
             while todo:
-                wave, budget = [], eng.kv.num_free
+                wave, budget = [], eng.kv_usage().num_free
                 while todo and (not wave or per_prompt[todo[0]] <= budget):
                     budget -= per_prompt[todo[0]]
                     wave.append(todo.pop(0))
                 self._run_wave([states[i] for i in wave], wave, params)
         finally:
             for st in states:
-                self._release(st)
+                self._free_tree(st)
         wall = time.perf_counter() - t0
-        fwd = eng.runner.counters["forward_passes"] - counters0["forward_passes"]
+        fwd = eng.counters()["forward_passes"] - counters0["forward_passes"]
         eng.sync_counters()
+        peak = eng.kv_usage().peak_used
         for st in states:
             s = st.tree.stats
-            s.forward_passes, s.peak_kv_pages, s.wall_time = fwd, eng.kv.peak_used, wall
+            s.forward_passes, s.peak_kv_pages, s.wall_time = fwd, peak, wall
             s.decode_time, s.branch_time = self._timing["decode"], self._timing["branch"]
             if len(st.tree.leaves) < cfg.max_width and s.limit is None:
                 s.limit = "fallback disabled" if not cfg.fallback else "no candidates"
         return [st.tree for st in states]
 
     # ------------------------------------------------------------------ one wave of prompts
-    def _page_bound(self, prompt_len: int) -> int:
-        """Pages one prompt's tree can hold at once, assuming nothing is shared.
-
-        Live paths plus kept leaves never exceed W: a level starts with at most W - F live paths
-        (F = leaves so far); its f finished ones become leaves, so the a survivors are at most
-        W - F - f = W - F_new, and both the budget `total = max(a, min(W - F, b (a + f)))` and a
-        fallback's min(b, W - F) children keep that. Each holds at most one full-length chain of
-        pages (+1 for a fork's copied tail page); one more chain covers a fallback stub."""
-        P, W = self.engine.kv.page_size, self.config.max_width
-        per_path = -(-(prompt_len + self.config.max_response_len + 1) // P) + 1
-        return (W + 1) * per_path
-
     def _run_wave(self, states: list[_TreeState], idx: list[int], params):
+        """Grow the trees of these prompts level by level until every one is complete."""
         cfg, eng = self.config, self.engine
         parents = []
         for st, i in zip(states, idx):
@@ -141,12 +142,12 @@ class TreeSampler:
             b0 = cfg.branch_factor
             if cfg.init_divergence == "random":
                 b0 = st.rng.randint(cfg.init_min, cfg.init_max)
-            parents.append(_Path(seq, i, 0, 0, self._uid(st), False, n_children=min(b0, cfg.max_width),
-                                 fresh=True))
+            parents.append(_Path(seq, i, 0, 0, self._new_uid(st), False, n_children=min(b0, cfg.max_width),
+                                 prefill=True))
         by_prompt = dict(zip(idx, states))
         while parents:
             t = time.perf_counter()
-            paths = self._spawn(parents, by_prompt, params)
+            paths = self._fork_and_decode_segment(parents, by_prompt, params)
             self._timing["decode"] += time.perf_counter() - t
             t = time.perf_counter()
             parents = []
@@ -157,19 +158,22 @@ class TreeSampler:
                 parents += self._classify_and_branch(st, mine)
             self._timing["branch"] += time.perf_counter() - t
 
-    def _uid(self, st: _TreeState) -> int:
+    def _new_uid(self, st: _TreeState) -> int:
+        """The next path id of a tree; path uid samples from the stream (cfg.seed, prompt key, uid)."""
         st.next_uid += 1
         return st.next_uid - 1
 
-    def _spawn(self, parents: list[_Path], by_prompt, params) -> list[_Path]:
-        """Forward parents, fork each into its children, decode one segment for all of them."""
+    def _fork_and_decode_segment(self, parents: list[_Path], by_prompt, params) -> list[_Path]:
+        """One level: forward the parents' pending tokens, fork each parent into its n_children
+        (the parent's sequence is the first; all sample their first token from its logits row),
+        then decode one segment for every child together, token by token. Returns the children."""
         eng, cfg = self.engine, self.config
         pending = [p.seq.num_tokens - p.seq.num_cached for p in parents]
         logits = eng.forward([p.seq for p in parents])
         paths, rows = [], []
         for r, par in enumerate(parents):
             st = by_prompt[par.prompt]
-            if par.fresh:
+            if par.prefill:
                 st.tree.stats.prefill_tokens += pending[r]
             else:
                 st.tree.stats.decode_tokens += pending[r]
@@ -178,7 +182,7 @@ class TreeSampler:
             seqs = [par.seq] + kids
             for s in seqs:
                 resp = s.num_tokens - s.num_prompt
-                paths.append(_Path(s, par.prompt, par.parent_node, par.depth + 1, self._uid(st),
+                paths.append(_Path(s, par.prompt, par.parent_node, par.depth + 1, self._new_uid(st),
                                    par.from_fallback, seg_start=s.num_tokens,
                                    seg_limit=min(cfg.segment_len, cfg.max_response_len - resp)))
                 rows.append(r)
@@ -204,6 +208,8 @@ class TreeSampler:
         return self.decode_fn(ids) if self.decode_fn is not None else ids
 
     def _classify(self, p: _Path) -> str | None:
+        """The finish reason of a path after its new segment (one of FINISH_REASONS, in the order of
+        docs/algorithm.md section 1 step 3), or None: it stays active."""
         cfg = self.config
         seg = p.seq.token_ids[p.seg_start:]
         resp_len = p.seq.num_tokens - p.seq.num_prompt
@@ -230,6 +236,8 @@ class TreeSampler:
         return None
 
     def _classify_and_branch(self, st: _TreeState, paths: list[_Path]) -> list[_Path]:
+        """Record each path's new segment as a node, turn finished paths into leaves, and return
+        the next level's parents (survivors with their children counts, or a fallback stub)."""
         cfg, eng, tree = self.config, self.engine, st.tree
         survivors, finished_now = [], 0
         for p in paths:
@@ -253,17 +261,16 @@ class TreeSampler:
                 st.finished.append((leaf, p))
             else:
                 eng.free(seq)
-        F, a, f = len(tree.leaves), len(survivors), finished_now
         parents = []
-        if a:
-            remaining = max(cfg.max_width - F, 0)
-            total = max(a, min(remaining, cfg.branch_factor * (a + f)))
+        if survivors:
+            total = branching.children_budget(cfg.max_width, len(tree.leaves), len(survivors), finished_now,
+                                              cfg.branch_factor)
             for p, c in zip(survivors, self._allocate(st, survivors, total)):
                 parents.append(_Path(p.seq, p.prompt, p.node, p.depth, p.uid, p.from_fallback, n_children=c))
-        elif F < cfg.max_width and cfg.fallback:
+        elif len(tree.leaves) < cfg.max_width and cfg.fallback:
             parents.append(self._fallback(st))
         if not parents:
-            self._release(st)
+            self._free_tree(st)
             st.complete = True
         return parents
 
@@ -276,46 +283,22 @@ class TreeSampler:
         return path[::-1]
 
     def _allocate(self, st: _TreeState, paths: list[_Path], total: int) -> list[int]:
-        """Children per surviving path: every path >= 1, summing to total (spec 1.4)."""
-        cfg, a = self.config, len(paths)
+        """Children per surviving path: every path >= 1, summing to total (branching.py)."""
+        cfg = self.config
         if cfg.branch_policy == "uniform":
-            base, rem = divmod(total, a)
-            counts = [max(base, 1)] * a
-            for j in st.rng.sample(range(a), rem):  # remainder: one each to random paths
-                counts[j] += 1
-            return counts
-        stats = []
-        for p in paths:
-            lps = p.seq.logprobs
-            seg = lps[len(lps) - (p.seq.num_tokens - p.seg_start):]
-            if cfg.logprob_statistic == "segment_mean":
-                stats.append(sum(seg) / max(len(seg), 1))
-            elif cfg.logprob_statistic == "path_mean":
-                stats.append(sum(lps) / max(len(lps), 1))
-            else:
-                stats.append(sum(lps))
-        s = torch.tensor(stats, dtype=torch.float64)
-        s = -s if cfg.prefer == "low" else s
-        s = s - s.min()
-        w = torch.softmax(s / cfg.branch_temperature_at(self.training_step), 0)
-        extra = total - a
-        ideal = w * extra
-        counts = ideal.floor().long()
-        left = extra - int(counts.sum())
-        order = sorted(range(a), key=lambda j: (-(ideal[j] - counts[j]).item(), j))  # largest remainder
-        for j in order[:left]:
-            counts[j] += 1
-        return [1 + int(c) for c in counts]
+            return branching.uniform_allocation(total, len(paths), st.rng)
+        stats = [branching.path_statistic(p.seq.logprobs, p.seq.num_tokens - p.seg_start, cfg.logprob_statistic)
+                 for p in paths]
+        return branching.logprob_allocation(stats, total, cfg.branch_temperature_at(self.training_step), cfg.prefer)
 
     def _fallback(self, st: _TreeState) -> _Path:
-        """Segment-aligned depth-first fallback (spec 1.5) from a kept leaf, or the root."""
+        """Segment-aligned depth-first fallback (docs/algorithm.md section 1 step 5) from a kept
+        leaf, or the root: a stub sequence whose children continue prompt + response[:k * l]."""
         cfg, eng, tree = self.config, self.engine, st.tree
         st.tree.stats.fallbacks += 1
-        if cfg.fallback_candidates == "answered":
-            cands = [(lf, p) for lf, p in st.finished if lf.finish_reason in ("answer", "eos")]
-        else:
-            cands = list(st.finished)
-        n = min(cfg.branch_factor, cfg.max_width - len(tree.leaves))
+        reasons = FALLBACK_CANDIDATES[cfg.fallback_candidates]
+        cands = [(lf, p) for lf, p in st.finished if lf.finish_reason in reasons]
+        n = branching.fallback_children(cfg.max_width, len(tree.leaves), cfg.branch_factor)
         if cands:
             leaf, p = st.rng.choice(cands)
             k = st.rng.randrange(leaf.depth)  # cut after k whole segments: 0 .. depth-1
@@ -329,9 +312,10 @@ class TreeSampler:
             k, node = 0, 0
             seq = eng.new_sequence(tree.prompt_token_ids, tag=st.index)
         st.seqs.append(seq)
-        return _Path(seq, st.index, node, k, self._uid(st), True, n_children=n, fresh=True)
+        return _Path(seq, st.index, node, k, self._new_uid(st), True, n_children=n, prefill=True)
 
-    def _release(self, st: _TreeState):
+    def _free_tree(self, st: _TreeState):
+        """Free every sequence of a tree (its leaves' pages included)."""
         for seq in st.seqs:
             if seq.table:
                 self.engine.free(seq)

@@ -1,4 +1,4 @@
-"""Text rules of the tree sampler's stop checks (TREEPO_SPEC.md 1.3): complete \\boxed{...}
+"""Text rules of the tree sampler's stop checks (docs/algorithm.md section 1 step 3): complete \\boxed{...}
 answers with nested braces, and repeated windows. Shared with the reward's answer extraction."""
 from __future__ import annotations
 
@@ -31,15 +31,6 @@ def boxed_spans(text: str) -> list[tuple[int, int]]:
             return spans  # unclosed: nothing complete after it either
         spans.append((s, j))
         i = j
-
-
-def last_boxed_content(text: str) -> str | None:
-    """The content of the last complete \\boxed{...}, or None."""
-    spans = boxed_spans(text)
-    if not spans:
-        return None
-    s, e = spans[-1]
-    return text[text.index("{", s) + 1: e - 1]
 
 
 def has_repetition(seq, window: int, count: int) -> bool:

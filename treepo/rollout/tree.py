@@ -1,6 +1,6 @@
 """TreePO trees: configuration, the tree data structure, and training tensors from trees.
 
-TreeConfig is the whole of TREEPO_SPEC.md section 1 as one validated dataclass. A Tree holds the
+TreeConfig is the whole of docs/algorithm.md section 1 ("Tree sampling") as one validated dataclass. A Tree holds the
 nodes (segments) and leaves (finished trajectories) of one prompt; `trees_to_batch` turns a batch
 of trees into padded tensors (prompt / response ids, masks, old log-probs, per-depth subgroup ids)
 for our trainer or anyone else's.
@@ -13,11 +13,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 FINISH_REASONS = ("answer", "eos", "repetition", "max_len", "max_depth")
+"""Every Leaf.finish_reason (and Node.finish_reason of a path's last node): a complete boxed answer
+under the stop policy, EOS, a repeated window, max_response_len reached, max_depth reached
+(docs/algorithm.md section 1 step 3 gives the order they are checked in)."""
+
+FALLBACK_CANDIDATES = {"answered": ("answer", "eos"), "any": FINISH_REASONS}
+"""TreeConfig.fallback_candidates -> the finish reasons of the leaves a fallback may cut."""
 
 
 @dataclass(slots=True)
 class TreeConfig:
-    """Segment-level tree search settings (TREEPO_SPEC.md section 1; paper defaults in paper())."""
+    """Segment-level tree search settings (docs/algorithm.md section 1; paper defaults in paper())."""
 
     segment_len: int = 64  # l: tokens per segment (node)
     max_depth: int = 4  # d: segments per path at most
@@ -39,7 +45,7 @@ class TreeConfig:
     branch_temperature_schedule: str = "constant"  # "constant" | "linear" | "cosine" over training steps
     schedule_steps: int = 1  # steps over which the schedule goes from T to T_end
     fallback: bool = True  # depth-first fallback when a prompt runs out of active paths early
-    fallback_candidates: str = "answered"  # "answered" (answer or eos leaves) | "any"
+    fallback_candidates: str = "answered"  # FALLBACK_CANDIDATES: "answered" (answer / eos leaves) | "any"
     seed: int = 0  # branching / fallback randomness and per-path sampling streams
 
     def __post_init__(self):
@@ -54,7 +60,7 @@ class TreeConfig:
                    "repetition_priority": ("first", "last"), "branch_policy": ("uniform", "logprob"),
                    "logprob_statistic": ("segment_mean", "path_mean", "path_sum"), "prefer": ("low", "high"),
                    "branch_temperature_schedule": ("constant", "linear", "cosine"),
-                   "fallback_candidates": ("answered", "any")}
+                   "fallback_candidates": tuple(FALLBACK_CANDIDATES)}
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}; valid: {', '.join(ok)}")
@@ -62,8 +68,10 @@ class TreeConfig:
             raise ValueError(f"need 1 <= init_min ({self.init_min}) <= init_max ({self.init_max})")
         if self.rep_window < 1 or self.rep_count < 0:
             raise ValueError(f"rep_window={self.rep_window} must be >= 1 and rep_count={self.rep_count} >= 0")
-        if not self.branch_temperature > 0 or (self.branch_temperature_end is not None and not self.branch_temperature_end > 0):
-            raise ValueError("branch temperatures must be > 0")
+        end = self.branch_temperature_end
+        if not self.branch_temperature > 0 or (end is not None and not end > 0):
+            raise ValueError(f"branch_temperature={self.branch_temperature} and branch_temperature_end={end} "
+                             "must be > 0 (the end may be None)")
         if self.schedule_steps < 1:
             raise ValueError(f"schedule_steps={self.schedule_steps} must be >= 1")
 
@@ -84,10 +92,6 @@ class TreeConfig:
         """i.i.d. sampling through the same API: W independent paths, one segment, no branching."""
         return cls(**{**dict(segment_len=max_response_len, max_depth=1, max_width=width, branch_factor=width,
                              max_response_len=max_response_len, fallback=False), **kw})
-
-    @property
-    def is_sequential(self) -> bool:
-        return self.max_depth == 1 and self.branch_factor >= self.max_width and not self.fallback
 
     def branch_temperature_at(self, step: int) -> float:
         """Branching temperature at a training step under the schedule."""
@@ -124,7 +128,7 @@ class Leaf:
     token_ids: list[int]
     logprobs: list[float]  # per token, under the sampling distribution
     path: list[int]  # node ids at depth 1..k
-    finish_reason: str  # answer | eos | repetition | max_len | max_depth
+    finish_reason: str  # one of FINISH_REASONS
     from_fallback: bool = False
     model_logprobs: list[float] | None = None
 
