@@ -76,6 +76,30 @@ class MetricsLog:
             except Exception:  # tensorboard not installed: JSONL only
                 self.tb = None
 
+    def truncate(self, step: int) -> int:
+        """Keep only the records of steps <= step (a resumed run redoes the later ones), rewriting
+        metrics.jsonl atomically; an unparsable line (a write cut short by a crash) goes too.
+        Returns how many records were dropped. TensorBoard events are not rewritten."""
+        if self.rank != 0 or not os.path.exists(self.path):
+            return 0
+        kept, dropped = [], 0
+        with open(self.path) as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    rec = None
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+                else:
+                    dropped += 1
+        with open(self.path + ".tmp", "w") as fh:
+            fh.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+        return dropped
+
     def write(self, rec: dict):
         if self.rank != 0:
             return
