@@ -90,13 +90,9 @@ def cmd_info(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":  # all TrainConfig fields are flags: see `treepo train --help`
-        from treepo.train.trainer import main as train_main
+        from treepo.train.trainer import cli as train_cli
 
-        try:
-            return train_main(argv[1:])
-        except (ValueError, FileNotFoundError) as e:
-            print(f"treepo train: error: {e}", file=sys.stderr)
-            return 2
+        return train_cli(argv[1:])  # a bad input is one line on stderr and exit status 2
     ap = argparse.ArgumentParser(prog="treepo", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("sample", help="sample completions for a prompt")

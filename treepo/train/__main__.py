@@ -1,7 +1,7 @@
 """`torchrun --nproc_per_node N -m treepo.train [flags]` (and `treepo train [flags]`)."""
 import sys
 
-from .trainer import main
+from .trainer import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -37,7 +37,12 @@ class TrainConfig:
     # model and run
     model: str | None = None  # HF checkpoint dir; None = the bundled SmolLM2-135M-Instruct
     output_dir: str = "runs/treepo"  # metrics.jsonl, checkpoints/, hf/ (export), curves.png
-    resume: bool = False  # continue from output_dir/checkpoints/latest
+    resume: bool = False  # continue the run in output_dir from checkpoints/latest, after checking its checksums
+    resume_fallback: bool = False  # with resume: if that checkpoint is damaged, resume from the newest intact
+    # older one (the run says which) instead of stopping with an error that names the damaged file
+    overwrite: bool = False  # start afresh in an output_dir that holds an earlier run: once the model has
+    # loaded, delete its config.json, metrics.jsonl, checkpoints/, hf/, curves.png and tb/ (other files stay);
+    # without it (or resume) such an output_dir is refused
     seed: int = 0
     steps: int = 15  # optimizer "RL steps" (each: sample, score, update)
     preset: str = "default"  # "default" | "quick" (a few minutes on 2 CPU cores): see PRESETS
@@ -91,6 +96,7 @@ class TrainConfig:
     eval_max_tokens: int = 128
     gsm8k_max_tokens: int = 256
     save_every: int = 20  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # complete checkpoints kept: older ones are deleted after each save (0 = all)
     export_hf: bool = True  # write an HF-format model to output_dir/hf at the end
     reward_timeout_s: float = 10.0
     reward_fn: str | None = None  # "module:function" with fn(response_text, sample) -> float; None = built-in
@@ -112,6 +118,16 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True continues the run in output_dir, overwrite=True deletes it: give one")
+        if self.resume_fallback and not self.resume:
+            raise ValueError("resume_fallback=True only applies with resume=True")
+        k = self.keep_checkpoints
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be an integer >= 0 (0 = keep all)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         self.betas = tuple(self.betas)

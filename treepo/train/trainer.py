@@ -10,18 +10,23 @@ Algorithm: docs/algorithm.md sections 2-4; the step, FSDP and numerics: docs/tra
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from treepo.advantages import broadcast_to_tokens, grpo_advantages, reinforce_pp_baseline_advantages, \
-    tree_advantages, whiten
+from treepo.advantages import (
+    broadcast_to_tokens,
+    grpo_advantages,
+    reinforce_pp_baseline_advantages,
+    tree_advantages,
+    whiten,
+)
 from treepo.engine.config import SamplingParams
 from treepo.engine.engine import Engine
 from treepo.engine.loader import load_model
@@ -38,6 +43,7 @@ from .evaluate import evaluate, reduce_eval
 from .metrics import MetricsLog, TokenWeighted, eval_line, progress_line, rollout_metrics, timing_metrics
 from .rewards.problems import ProblemScorer
 from .rollout import Rollout, RolloutCollector
+from .run_dir import clear_previous_run, plan_run_on_rank0, write_config
 
 MICRO_KEYS = ("prompts", "responses", "response_mask", "input_ids", "attention_mask", "position_ids")
 
@@ -68,6 +74,9 @@ class Trainer:
         self.cfg = cfg
         self.scorer = ProblemScorer(cfg.reward_fn, cfg.reward_timeout_s)  # a bad reward_fn fails before loading
         self.rank, self.world, self.device = init_distributed()
+        self.out = cfg.output_dir
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        self.plan = plan_run_on_rank0(cfg, self.rank)  # output dir and checkpoint, before any model loads
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
         path = cfg.model or bundled_model_path()
@@ -94,12 +103,10 @@ class Trainer:
                                                                      seed=cfg.seed, return_model_logprobs=True),
                                           cfg.prompts_per_step, cfg.dynamic_sampling, cfg.max_gen_batches)
         self.step = 0
-        self.out = cfg.output_dir
-        self.ckpt_dir = os.path.join(self.out, "checkpoints")
         if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "config.json"), "w") as fh:
-                json.dump(dataclasses.asdict(cfg), fh, indent=1)
+            if cfg.overwrite and self.plan.previous:  # only now that the model has loaded
+                self._print(f"--overwrite: deleted {', '.join(clear_previous_run(self.out))} in {self.out}")
+            write_config(self.out, cfg)
         self.log = MetricsLog(self.out, self.rank)
 
     def _datasets(self):
@@ -306,20 +313,26 @@ class Trainer:
     def save(self):
         extra = {"data": self.stream.state_dict(), "sched": self.sched.state_dict(),
                  "config": dataclasses.asdict(self.cfg)}
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optim, extra)
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optim, extra,
+                                    keep=self.cfg.keep_checkpoints)
 
     def maybe_resume(self):
-        if not self.cfg.resume:
-            return
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        """Load the checkpoint plan_run verified; metrics.jsonl loses the records of later steps
+        (the resumed run redoes them)."""
+        path = self.plan.resume_from
         if path is None:
-            raise ValueError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+            return
+        for note in self.plan.skipped:
+            self._print(f"--resume_fallback: {note}")
         meta = ckpt.load_checkpoint(path, self.model, self.optim)
         self.step = meta["step"]
         self.stream.load_state_dict(meta["data"])
         self.sched.load_state_dict(meta["sched"])
         self.sync_engine()
-        self.log.write({"resumed_from": path, "step": self.step})
+        dropped = self.log.truncate(self.step)
+        self.log.write({"resumed_from": path, "step": self.step, "skipped": self.plan.skipped,
+                        "dropped_records": dropped})
+        self._print(f"resumed from {path} (step {self.step}; {dropped} later metrics records dropped)")
 
     def _print(self, line: str):
         if self.rank == 0:
@@ -357,10 +370,19 @@ class Trainer:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    trainer = Trainer(cfg)
     try:
-        trainer.fit()
+        Trainer(cfg).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def cli(argv=None) -> int:
+    """main for `treepo train` and `python -m treepo.train` / torchrun: a configuration, file or
+    checkpoint error is one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        print(f"treepo train: error: {e}", file=sys.stderr)
+        return 2
