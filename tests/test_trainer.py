@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from trainer_fixtures import tiny_checkpoint, write_task
 
 HERE = os.path.dirname(__file__)
@@ -31,10 +30,13 @@ def flags(model, task, out, **kw):
     return out
 
 
-def run(args, nproc=1, timeout=300):
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+def run(args, nproc=1, timeout=300, rc=0, env=None, module="treepo.train"):
+    """The trainer in a subprocess (`python -m module`, or torchrun with nproc > 1); asserts its
+    exit status is rc (-9: killed by TREEPO_FAULT)."""
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               **(env or {}))
     if nproc == 1:
-        cmd = [sys.executable, "-m", "treepo.train", *args]
+        cmd = [sys.executable, "-m", *module.split(), *args]
     else:
         import socket
 
@@ -44,7 +46,7 @@ def run(args, nproc=1, timeout=300):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "treepo.train", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert res.returncode == rc, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 
 
@@ -112,14 +114,21 @@ def test_fsdp_two_processes_match_one(tiny, tmp_path):
         assert sorted(r1) == sorted(r2)
 
 
-def test_resume_matches_uninterrupted_and_export_loads(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """An uninterrupted 3-step run with the HF export."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    run(flags(*tiny, out, steps=3, export_hf=True))
+    return out
+
+
+def test_resume_matches_uninterrupted_and_export_loads(tiny, straight, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from treepo.train.checkpoint import latest_checkpoint, load_checkpoint
 
     model, task = tiny
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run(flags(model, task, full, steps=3, export_hf=True))
+    full, part = straight, str(tmp_path / "part")
     run(flags(model, task, part, steps=2))
     run(flags(model, task, part, steps=3, resume=True))
     a = [r for r in metrics(full) if "actor/pg_loss" in r]
@@ -139,3 +148,76 @@ def test_resume_matches_uninterrupted_and_export_loads(tiny, tmp_path):
     os.remove(os.path.join(ck, "treepo_meta.json"))
     with pytest.raises(ValueError, match="incomplete or corrupted"):
         load_checkpoint(ck, None, None)
+
+
+KILL_AT_2 = {"TREEPO_FAULT": "checkpoint_after_shards@2"}  # SIGKILL once step 2's shards are written
+
+
+@pytest.fixture(scope="module")
+def killed(tiny, tmp_path_factory):
+    """A 3-step run saving every step, SIGKILLed inside step 2's checkpoint, then resumed:
+    (output dir, its checkpoints/ listing and `latest` right after the kill)."""
+    out = str(tmp_path_factory.mktemp("killed") / "run")
+    kw = dict(steps=3, save_every=1, keep_checkpoints=2)
+    run(flags(*tiny, out, **kw), rc=-9, env=KILL_AT_2)
+    ck = os.path.join(out, "checkpoints")
+    after_kill = sorted(os.listdir(ck)), open(os.path.join(ck, "latest")).read()
+    run(flags(*tiny, out, **kw, resume=True))
+    return out, after_kill
+
+
+def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_metrics(straight, killed):
+    out, (listing, latest) = killed
+    assert listing == ["latest", "step_000001", "step_000002.tmp"] and latest == "step_000001"
+    recs = metrics(out)
+    # step 2 was logged before the kill and redone after the resume: metrics.jsonl holds it once
+    train = [r for r in recs if "actor/pg_loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    resumed = [r for r in recs if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0]["resumed_from"].endswith("step_000001") and resumed[0]["step"] == 1
+    assert resumed[0]["dropped_records"] == 1
+    ref = [r for r in metrics(straight) if "resumed_from" not in r]
+    assert len(ref) == len(recs) - 1
+    for a, b in zip(ref, [r for r in recs if "resumed_from" not in r]):
+        assert sorted(a) == sorted(b)
+        for k, v in a.items():
+            if not k.startswith(("timing/", "perf/")):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (a["step"], k)
+    # pruned to the newest 2 complete checkpoints; the crashed save's .tmp is gone
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step_000002", "step_000003"]
+
+
+def _one_line_error(res, *needles):
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in res.stderr and lines[-1].startswith("treepo train: error: "), res.stderr[-3000:]
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error_before_loading(tiny, killed, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(killed[0], out)
+    shard = os.path.join(out, "checkpoints", "step_000003", "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.seek(200)
+        f.write(bytes(b ^ 0xFF for b in f.read(40)))
+    args = flags("/no/such/model", tiny[1], out, steps=4, resume=True)  # refused before the model is looked at
+    for module in ("treepo.train", "treepo.cli train"):
+        res = run(args, rc=2, module=module)
+        _one_line_error(res, f"corrupted checkpoint file {shard}", "--resume_fallback true")
+
+
+def test_a_fresh_run_does_not_touch_an_earlier_run(tiny, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_000001").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = sorted(str(p) for p in out.rglob("*"))
+    res = run(flags("/no/such/model", tiny[1], str(out)), rc=2, module="treepo.cli train")
+    _one_line_error(res, f"--output_dir {out} holds another run", "--resume true", "--overwrite true")
+    # --overwrite deletes the old run only once the model has loaded: a bad --model keeps it
+    res = run(flags("/no/such/model", tiny[1], str(out), overwrite=True), rc=2)
+    _one_line_error(res, "/no/such/model")
+    assert sorted(str(p) for p in out.rglob("*")) == before
