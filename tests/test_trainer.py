@@ -95,7 +95,14 @@ def test_fsdp_two_processes_match_one(tiny, tmp_path):
     model, task = tiny
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(flags(model, task, one, steps=2, warmup_steps=2))
-    run(flags(model, task, two, steps=2, warmup_steps=2), nproc=2)
+    # two replaces an earlier run (--overwrite: its files go once the model has loaded; others stay)
+    os.makedirs(os.path.join(two, "checkpoints", "step_000009"))
+    for name in ("metrics.jsonl", "config.json", "notes.txt"):
+        with open(os.path.join(two, name), "w") as f:
+            f.write('{"step": 9}\n')
+    run(flags(model, task, two, steps=2, warmup_steps=2, overwrite=True), nproc=2)
+    assert os.path.exists(os.path.join(two, "notes.txt"))
+    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["latest", "step_000002"]
     a = [r for r in metrics(one) if "actor/pg_loss" in r]
     b = [r for r in metrics(two) if "actor/pg_loss" in r]
     assert len(a) == len(b) == 2
