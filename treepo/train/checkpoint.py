@@ -99,9 +99,12 @@ def nonfinite(state) -> dict[str, int]:
     named = [(n, t) for n, t in _tensors(state) if t.is_floating_point()]
     if not named:
         return {}
-    counts = torch.stack([(~torch.isfinite(t)).sum() if t.numel() else torch.zeros((), dtype=torch.long,
-                                                                                   device=t.device)
-                          for _, t in named]).to("cpu", torch.float64)
+    counts = torch.zeros(len(named), dtype=torch.float64)
+    by_device: dict[torch.device, list[int]] = {}  # AdamW's "step" stays on the CPU beside CUDA weights
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():  # one device-to-host copy per device
+        counts[idx] = torch.stack([(~torch.isfinite(named[i][1])).sum() for i in idx]).to("cpu", torch.float64)
     if dist.is_initialized():
         dist.all_reduce(counts)
     return {n: int(c) for (n, _), c in zip(named, counts.tolist()) if c}
