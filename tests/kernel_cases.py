@@ -3,8 +3,8 @@ forks, ragged extends, tolerances, and engine parity checks of a backend against
 import random
 
 import torch
-
 from test_tree_plan import grow_tree
+
 from treepo.engine.kv_cache import PagedKVCache
 
 # kernels compute in fp32 from the stored values; the only extra error is the output's rounding
@@ -75,6 +75,7 @@ def assert_greedy_parity(hf, backend, max_tokens, device="cpu"):
     """Greedy generation (n=3, prompts forked) with `backend` equals the torch backend's: the same
     tokens, log-probs within 1e-4."""
     from helpers import assert_close
+
     from treepo import Engine, SamplingParams
 
     outs = {}
@@ -93,6 +94,7 @@ def assert_tree_parity(hf, backend, cfg, num_pages, device="cpu"):
     """A TreeSampler run with `backend` gives the torch backend's trees (leaves, finish reasons,
     fallback flags, log-probs within 1e-4) and frees every page."""
     from helpers import assert_close
+
     from treepo import Engine, SamplingParams, TreeSampler
 
     trees = {}

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from treepo.engine.attention import AttentionMetadata, PagedAttention, TorchBackend
 from treepo.engine.kv_cache import PagedKVCache
 from treepo_kernels import paged_attention_ref

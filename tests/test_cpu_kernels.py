@@ -2,14 +2,21 @@
 engine with attention_backend="cpu" against the torch backend."""
 import pytest
 import torch
-
 from helpers import assert_close, tiny_hf_model
-from kernel_cases import (EXTRA_SHAPES, TOL, append_case, assert_greedy_parity, assert_tree_parity, extend_case,
-                          tree_case)
+from kernel_cases import (
+    EXTRA_SHAPES,
+    TOL,
+    append_case,
+    assert_greedy_parity,
+    assert_tree_parity,
+    extend_case,
+    tree_case,
+)
 from test_tree_plan import SHAPES
+
 from treepo import Engine, TreeConfig
-from treepo_kernels import paged_attention_ref
 from treepo_kernels import cpu as kernels
+from treepo_kernels import paged_attention_ref
 from treepo_kernels.tree_decode import tree_decode_ref
 from treepo_kernels.tree_plan import plan_tree
 
