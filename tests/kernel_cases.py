@@ -31,17 +31,19 @@ def tree_case(shape, seed, dtype):
     return q, k, v, tables, lens, P
 
 
-def append_case(D, dtype):
-    """37 new tokens' K/V for random slots of a 20-page cache (3 KV heads, page 8, head dim D), and
-    the caches as append_kv_ref leaves them: (k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v)."""
+def append_case(D, dtype, page_size=8):
+    """37 new tokens' K/V for random slots of a 160-slot cache (3 KV heads, pages of page_size, head
+    dim D), and the caches as append_kv_ref leaves them: (k_cache, v_cache, k, v, pages, offsets,
+    ref_k, ref_v)."""
     from treepo_kernels import append_kv_ref
 
     g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(20, 3, 8, D, generator=g).to(dtype)
-    v_cache = torch.randn(20, 3, 8, D, generator=g).to(dtype)
+    P = page_size
+    k_cache = torch.randn(160 // P, 3, P, D, generator=g).to(dtype)
+    v_cache = torch.randn(160 // P, 3, P, D, generator=g).to(dtype)
     T = 37
-    slots = torch.randperm(20 * 8, generator=g)[:T]
-    pages, offsets = slots // 8, slots % 8
+    slots = torch.randperm(160, generator=g)[:T]
+    pages, offsets = slots // P, slots % P
     k = torch.randn(T, 3, D, generator=g).to(dtype)
     v = torch.randn(T, 3, D, generator=g).to(dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
