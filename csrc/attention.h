@@ -23,6 +23,8 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace treepo::attention {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -30,12 +32,7 @@ constexpr int kKeyBlock = 16;    // score columns are computed in blocks of this
 constexpr int kTransposeRows = 8;  // tasks with at least this many rows transpose K pages
 
 inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+inline float to_float(c10::BFloat16 x) { return bf16_to_float(x.x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 // exp(x) for x <= 0 (softmax arguments) to ~2 ulp, written so the compiler vectorises it.
