@@ -32,8 +32,13 @@ if os.environ.get("TREEPO_NO_EXT") != "1":
                           "plain-PyTorch attention", file=sys.stderr)
                     self.extensions = []  # nothing to copy or install afterwards
 
-        ext_modules = [CppExtension("treepo_kernels._C", ["csrc/tree_attention.cpp", "csrc/linear.cpp", "csrc/layer_ops.cpp", "csrc/module.cpp"],
-                                    extra_compile_args=flags, extra_link_args=["-fopenmp"])]
+        # attention (one op per file, sharing csrc/attention.h), packed GEMMs, fused layer ops, and
+        # module.cpp, which registers every op (declared in csrc/ops.h) as torch.ops.treepo.*
+        sources = ["csrc/paged_kv.cpp", "csrc/tree_decode.cpp", "csrc/extend.cpp", "csrc/linear.cpp",
+                   "csrc/layer_ops.cpp", "csrc/module.cpp"]
+        ext_modules = [CppExtension("treepo_kernels._C", sources, extra_compile_args=flags,
+                                    extra_link_args=["-fopenmp"], depends=["csrc/attention.h", "csrc/bf16.h",
+                                                                             "csrc/ops.h"])]
         cmdclass = {"build_ext": OptionalBuild.with_options(use_ninja=False)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,6 +1,6 @@
 """Triton tree-attention kernels on a GPU: tree decode vs plain paged decode vs baselines.
 
-For each shape (KERNELS.md): latency (median of triton.testing.do_bench, cold L2), effective GB/s
+For each shape (docs/kernels.md, "Benchmarks"): latency (median of triton.testing.do_bench, cold L2), effective GB/s
 on the unique KV bytes and % of the measured device copy bandwidth, TFLOP/s, and the
 speed-of-light ratio sum(p_j) / sum(l_n) (the most tree decode can gain over plain decode).
 Baselines in the same run: our plain paged decode (same kernels, one unit per leaf), torch SDPA
@@ -75,8 +75,8 @@ def main():
     import triton.testing
 
     from treepo.engine.kv_cache import PagedKVCache
+    from treepo_kernels.tree_decode import tile_for, tree_decode, work_items
     from treepo_kernels.tree_plan import plan_tree
-    from treepo_kernels.triton_tree_decode import tile_for, tree_decode, work_items
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -132,7 +132,7 @@ def main():
         r["tree_vs_plain"] = r["plain_ms"] / r["tree_ms"]
         r["plan_ms"] = plan_ms
         if cuda and sum(lens) * Hkv * D * 2 * 2 < 8 * 2**30:  # SDPA on materialised per-leaf KV
-            from treepo_kernels.paged_attention import gather_kv
+            from treepo_kernels.extend import gather_kv
 
             Lmax = max(lens)
             kk = torch.zeros(B, Hkv, Lmax, D, dtype=dtype, device=device)
@@ -174,9 +174,11 @@ def main():
 
 def _flashinfer_decode(flashinfer, q, kv, tables, lens):
     """FlashInfer's batch decode over our pool: indptr / indices / last_page_len CSR, HND layout."""
+    from treepo_kernels.common import cdiv
+
     P = kv.page_size
     dev = q.device
-    n_pages = [-(-L // P) for L in lens]
+    n_pages = [cdiv(L, P) for L in lens]
     indptr = torch.tensor([0] + n_pages, device=dev).cumsum(0).int()
     indices = torch.tensor([p for t, n in zip(tables, n_pages) for p in t[:n]], dtype=torch.int32, device=dev)
     last = torch.tensor([L - (n - 1) * P for L, n in zip(lens, n_pages)], dtype=torch.int32, device=dev)

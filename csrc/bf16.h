@@ -1,4 +1,5 @@
-// bf16 <-> fp32 on raw 16-bit patterns, for the kernels that read bf16 tensors as uint16_t.
+// bf16 <-> fp32 on raw 16-bit patterns: linear.cpp and layer_ops.cpp read bf16 tensors as uint16_t, and
+// attention.h converts stored bf16 K/V through the same helper.
 #pragma once
 
 #include <cstdint>

@@ -13,7 +13,6 @@
 // A decode step has few rows, so the point is fewer op dispatches, not bandwidth.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -21,6 +20,7 @@
 #include <tuple>
 
 #include "bf16.h"
+#include "ops.h"
 
 namespace treepo {
 namespace {
@@ -115,18 +115,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_qkv(const at::Tensor& qkv, c
     }
   });
   return {q, k, v};
-}
-
-TORCH_LIBRARY_FRAGMENT(treepo, m) {
-  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("add_rms_norm(Tensor(a!) x, Tensor r, Tensor w, float eps) -> Tensor");
-  m.def("rope_qkv(Tensor qkv, Tensor cos, Tensor sin, int hq, int hkv) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(treepo, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("rope_qkv", &rope_qkv);
 }
 
 }  // namespace treepo

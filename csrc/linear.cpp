@@ -16,7 +16,6 @@
 // Without AVX512-BF16 (another CPU, TREEPO_NATIVE=0) a portable loop computes the same thing.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -27,6 +26,7 @@
 #include <utility>
 
 #include "bf16.h"
+#include "ops.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -272,17 +272,6 @@ std::string gemm_impl() {
 #else
   return "portable";
 #endif
-}
-
-TORCH_LIBRARY_FRAGMENT(treepo, m) {
-  m.def("pack_linear(Tensor w, bool gated) -> Tensor");
-  m.def("linear_packed(Tensor x, Tensor packed, int n_out, bool gated, bool fp32_out, int impl) -> Tensor");
-  m.def("gemm_impl() -> str", &gemm_impl);
-}
-
-TORCH_LIBRARY_IMPL(treepo, CPU, m) {
-  m.impl("pack_linear", &pack_linear);
-  m.impl("linear_packed", &linear_packed);
 }
 
 }  // namespace treepo

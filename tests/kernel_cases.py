@@ -3,8 +3,8 @@ forks, ragged extends, tolerances, and engine parity checks of a backend against
 import random
 
 import torch
-
 from test_tree_plan import grow_tree
+
 from treepo.engine.kv_cache import PagedKVCache
 
 # kernels compute in fp32 from the stored values; the only extra error is the output's rounding
@@ -31,17 +31,19 @@ def tree_case(shape, seed, dtype):
     return q, k, v, tables, lens, P
 
 
-def append_case(D, dtype):
-    """37 new tokens' K/V for random slots of a 20-page cache (3 KV heads, page 8, head dim D), and
-    the caches as append_kv_ref leaves them: (k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v)."""
+def append_case(D, dtype, page_size=8):
+    """37 new tokens' K/V for random slots of a 160-slot cache (3 KV heads, pages of page_size, head
+    dim D), and the caches as append_kv_ref leaves them: (k_cache, v_cache, k, v, pages, offsets,
+    ref_k, ref_v)."""
     from treepo_kernels import append_kv_ref
 
     g = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(20, 3, 8, D, generator=g).to(dtype)
-    v_cache = torch.randn(20, 3, 8, D, generator=g).to(dtype)
+    P = page_size
+    k_cache = torch.randn(160 // P, 3, P, D, generator=g).to(dtype)
+    v_cache = torch.randn(160 // P, 3, P, D, generator=g).to(dtype)
     T = 37
-    slots = torch.randperm(20 * 8, generator=g)[:T]
-    pages, offsets = slots // 8, slots % 8
+    slots = torch.randperm(160, generator=g)[:T]
+    pages, offsets = slots // P, slots % P
     k = torch.randn(T, 3, D, generator=g).to(dtype)
     v = torch.randn(T, 3, D, generator=g).to(dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
@@ -75,6 +77,7 @@ def assert_greedy_parity(hf, backend, max_tokens, device="cpu"):
     """Greedy generation (n=3, prompts forked) with `backend` equals the torch backend's: the same
     tokens, log-probs within 1e-4."""
     from helpers import assert_close
+
     from treepo import Engine, SamplingParams
 
     outs = {}
@@ -93,6 +96,7 @@ def assert_tree_parity(hf, backend, cfg, num_pages, device="cpu"):
     """A TreeSampler run with `backend` gives the torch backend's trees (leaves, finish reasons,
     fallback flags, log-probs within 1e-4) and frees every page."""
     from helpers import assert_close
+
     from treepo import Engine, SamplingParams, TreeSampler
 
     trees = {}

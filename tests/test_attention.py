@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from treepo.engine.attention import AttentionMetadata, PagedAttention, TorchBackend
 from treepo.engine.kv_cache import PagedKVCache
 from treepo_kernels import paged_attention_ref
@@ -76,3 +76,38 @@ def test_auto_falls_back_to_torch_with_a_notice_when_the_extension_is_missing(mo
     assert "'cpu' unavailable" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not available"):
         attention.make_backend("cpu", "cpu")
+
+
+def test_triton_is_an_optional_import():
+    """With triton blocked, the references, the planner and the torch / cpu backends import and run
+    (their op files hold Triton kernels too), and the triton backend says it is not installed."""
+    import os
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import sys; sys.modules['triton'] = None",
+        "import torch",
+        "from treepo.engine.attention import backend_status, make_backend",
+        "from treepo_kernels import append_kv_ref, paged_attention_ref, plan_tree, tree_decode_ref",
+        "from treepo_kernels.paged_kv import append_kv",
+        "ok, why = backend_status('triton', 'cpu')",
+        "assert not ok and 'not installed' in why, why",
+        "assert make_backend('torch', 'cpu').name == 'torch'",
+        "k, v = torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8)",
+        "new = torch.ones(5, 1, 8)",
+        "append_kv_ref(k, v, new, new, torch.tensor([0] * 4 + [1]), torch.arange(5) % 4)",
+        "q = torch.randn(1, 2, 8)",
+        "plan = plan_tree([[0, 1]], [5], 4)",
+        "out = paged_attention_ref(q, k, v, torch.tensor([[0, 1]]), torch.tensor([0, 1]), torch.tensor([5]))[0]",
+        "assert torch.allclose(out, tree_decode_ref(q, k, v, plan)[0])",
+        "try:",
+        "    append_kv(k, v, k[0, :, :1], v[0, :, :1], torch.tensor([0]), torch.tensor([0]))",
+        "except ImportError as e:",
+        "    assert 'not installed' in str(e)",
+        "else:",
+        "    raise AssertionError('a Triton launch without triton did not raise')",
+    ])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]

@@ -2,14 +2,21 @@
 engine with attention_backend="cpu" against the torch backend."""
 import pytest
 import torch
-
 from helpers import assert_close, tiny_hf_model
-from kernel_cases import (EXTRA_SHAPES, TOL, append_case, assert_greedy_parity, assert_tree_parity, extend_case,
-                          tree_case)
+from kernel_cases import (
+    EXTRA_SHAPES,
+    TOL,
+    append_case,
+    assert_greedy_parity,
+    assert_tree_parity,
+    extend_case,
+    tree_case,
+)
 from test_tree_plan import SHAPES
+
 from treepo import Engine, TreeConfig
-from treepo_kernels import paged_attention_ref
 from treepo_kernels import cpu as kernels
+from treepo_kernels import paged_attention_ref
 from treepo_kernels.tree_decode import tree_decode_ref
 from treepo_kernels.tree_plan import plan_tree
 
@@ -17,13 +24,24 @@ ok, why = kernels.status()
 pytestmark = pytest.mark.skipif(not ok, reason=why)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# beyond the shared grids: the C++ kernels keep row accumulators in registers only for head dims
+# 32 / 64 / 128; any other head dim takes the generic loop. And pages of a single token.
+CPU_SHAPES = [  # (Hq, Hkv, D, page_size, prompt_len, depth, branch, seg_len)
+    (6, 2, 80, 4, 9, 2, 3, 5),  # head dim 80: the generic path
+    (9, 3, 96, 1, 7, 2, 3, 4),  # head dim 96, page size 1
+    (24, 3, 80, 16, 70, 1, 40, 3),  # generic path with 40 leaves under one node (> one task's leaf tile)
+    (8, 2, 64, 1, 3, 2, 2, 2),  # page size 1 on the register path
+]
+TREE_SHAPES = SHAPES + EXTRA_SHAPES + CPU_SHAPES
+EXTEND_HEADS = [(4, 4, 32, 4), (9, 3, 64, 16), (8, 2, 128, 8), (8, 1, 64, 16), (16, 2, 32, 4),  # (Hq, Hkv, D, P)
+                (6, 2, 80, 4), (9, 3, 96, 1), (16, 2, 96, 16), (4, 4, 32, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("min_fanout", [2, 3, 10**9])
-@pytest.mark.parametrize("case", range(len(SHAPES + EXTRA_SHAPES)))
+@pytest.mark.parametrize("case", range(len(TREE_SHAPES)))
 def test_tree_decode_matches_reference(case, min_fanout, dtype):
-    shape = (SHAPES + EXTRA_SHAPES)[case]
+    shape = TREE_SHAPES[case]
     q, k, v, tables, lens, P = tree_case(shape, case, dtype)
     for max_unit_pages in (None, 2):
         plan = plan_tree(tables, lens, P, min_fanout=min_fanout, max_unit_pages=max_unit_pages)
@@ -59,7 +77,7 @@ def test_zero_length_unit_contributes_nothing():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [(4, 4, 32, 4), (9, 3, 64, 16), (8, 2, 128, 8), (8, 1, 64, 16), (16, 2, 32, 4)])
+@pytest.mark.parametrize("heads", EXTEND_HEADS)
 @pytest.mark.parametrize("seed", range(3))
 def test_paged_extend_matches_reference(heads, seed, dtype):
     q, k, v, tables, cu, kv_lens = extend_case(seed, *heads, dtype)
@@ -70,8 +88,9 @@ def test_paged_extend_matches_reference(heads, seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_append_kv_matches_reference(dtype):
-    k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v = append_case(32, dtype)
+@pytest.mark.parametrize("D, page_size", [(32, 8), (80, 8), (96, 1), (32, 1)])
+def test_append_kv_matches_reference(D, page_size, dtype):
+    k_cache, v_cache, k, v, pages, offsets, ref_k, ref_v = append_case(D, dtype, page_size)
     kernels.append_kv(k_cache, v_cache, k, v, pages, offsets)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
@@ -99,12 +118,16 @@ def test_bit_identical_across_runs_and_thread_counts():
     q, k, v, tables, lens, P = tree_case(EXTRA_SHAPES[1], 1, torch.bfloat16)
     plan = plan_tree(tables, lens, P)
     qe, ke, ve, te, cu, kl = extend_case(2, 9, 3, 64, 16, torch.bfloat16)
+    qg, kg, vg, tg, lg, Pg = tree_case(CPU_SHAPES[2], 2, torch.bfloat16)  # the generic head-dim path
+    plan_g = plan_tree(tg, lg, Pg)
+    qx, kx, vx, tx, cux, klx = extend_case(3, 9, 3, 96, 1, torch.bfloat16)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 2, 1):
             torch.set_num_threads(threads)
-            results.append(kernels.tree_decode(q, k, v, plan) + kernels.paged_extend(qe, ke, ve, te, cu, kl))
+            results.append(kernels.tree_decode(q, k, v, plan) + kernels.paged_extend(qe, ke, ve, te, cu, kl)
+                           + kernels.tree_decode(qg, kg, vg, plan_g) + kernels.paged_extend(qx, kx, vx, tx, cux, klx))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:

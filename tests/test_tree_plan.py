@@ -3,8 +3,8 @@ import random
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from treepo.engine.kv_cache import PagedKVCache
 from treepo_kernels import paged_attention_ref
 from treepo_kernels.tree_decode import tree_decode_ref
@@ -75,7 +75,7 @@ def test_plan_reads_shared_prefix_once():
     kv.free(root)
     plan = plan_tree(tables, lens, 16)
     assert plan.num_units == 65 and plan.unique_tokens == 2048 + 64 * 1024
-    assert plan.path_tokens / plan.unique_tokens == pytest.approx(2.9, abs=0.05)  # KERNELS.md's limit
+    assert plan.path_tokens / plan.unique_tokens == pytest.approx(2.9, abs=0.05)  # docs/kernels.md: the most it saves
     split = plan_tree(tables, lens, 16, max_unit_pages=32)
     assert split.num_units == 2048 // 512 + 64 * 2 and split.max_unit_pages == 32
     plain = plan_tree(tables, lens, 16, min_fanout=65)

@@ -9,15 +9,22 @@ triton = pytest.importorskip("triton")
 
 from helpers import assert_close, tiny_hf_model  # noqa: E402
 from kernel_cases import (  # noqa: E402
-    EXTRA_SHAPES, TOL, append_case, assert_greedy_parity, assert_tree_parity, extend_case, tree_case)
+    EXTRA_SHAPES,
+    TOL,
+    append_case,
+    assert_greedy_parity,
+    assert_tree_parity,
+    extend_case,
+    tree_case,
+)
 from test_tree_plan import SHAPES  # noqa: E402
+
 from treepo import TreeConfig  # noqa: E402
 from treepo_kernels import paged_attention_ref  # noqa: E402
-from treepo_kernels.tree_decode import tree_decode_ref  # noqa: E402
+from treepo_kernels.extend import paged_extend  # noqa: E402
+from treepo_kernels.paged_kv import append_kv  # noqa: E402
+from treepo_kernels.tree_decode import paged_decode, tree_decode, tree_decode_ref  # noqa: E402
 from treepo_kernels.tree_plan import plan_tree  # noqa: E402
-from treepo_kernels.triton_extend import paged_extend  # noqa: E402
-from treepo_kernels.triton_paged_kv import append_kv  # noqa: E402
-from treepo_kernels.triton_tree_decode import paged_decode, tree_decode  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -37,7 +44,7 @@ def torch_same_dtype(q, k_cache, v_cache, tables, lens):
     are rounded to the dtype, softmax in fp32, P rounded to the dtype - the torch backend's
     recipe): the error budget a kernel is held to. The matmuls run in fp32 on the rounded values
     here (CPU half matmuls are slow). Returns (out, lse fp32)."""
-    from treepo_kernels.paged_attention import gather_kv
+    from treepo_kernels.extend import gather_kv
 
     B, Hq, D = q.shape
     g = Hq // k_cache.shape[1]
@@ -70,7 +77,7 @@ def test_tree_decode_matches_reference(case, min_fanout, dtype):
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out.cpu(), ref, **TOL[dtype], what=f"tree decode out {ALL[case]}")
     assert_close(lse.cpu(), ref_lse, atol=1e-5, rtol=1e-6, what="tree decode lse")
-    if dtype != torch.float32:  # and no worse than plain torch in the same dtype (KERNELS.md)
+    if dtype != torch.float32:  # and no worse than plain torch in the same dtype (docs/kernels.md)
         low, low_lse = torch_same_dtype(q, k, v, tables, lens)
         assert_close_vs_torch(out.cpu(), low, ref, atol=1e-4, what=f"tree decode out vs torch {dtype}")
         assert_close_vs_torch(lse.cpu(), low_lse, ref_lse, atol=1e-5, what="tree decode lse vs torch")
@@ -278,7 +285,7 @@ def test_gpu_cuda_graph_capture_of_a_decode_step():
     q, k, v, tables, lens, P = tree_case(SHAPES[4], 4, torch.bfloat16)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
     plan = plan_tree(tables, lens, P, device="cuda")
-    from treepo_kernels.triton_tree_decode import tile_for, work_items
+    from treepo_kernels.tree_decode import tile_for, work_items
 
     items = work_items(plan, tile_for(plan, q.shape[1] // k.shape[1])[1], "cuda")
     expect = tree_decode(q, k, v, plan, items=items)[0]  # warm-up compiles
@@ -302,7 +309,7 @@ def test_tree_extend_matches_reference(case, dtype):
     import random
     from collections import Counter
 
-    from treepo_kernels.triton_extend import plan_extend, tree_extend
+    from treepo_kernels.extend import plan_extend, tree_extend
 
     q, k, v, tables, lens, P = tree_case(ALL[case], case, dtype)
     used = [t[: -(-L // P)] for t, L in zip(tables, lens)]

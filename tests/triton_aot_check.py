@@ -25,12 +25,13 @@ except ImportError as e:
     print(f"SKIP this Triton has no AOT API ({e})")
     sys.exit(2)
 
-from treepo_kernels import triton_extend, triton_paged_kv, triton_tree_decode  # noqa: E402
+from treepo_kernels import extend, paged_kv, tree_decode  # noqa: E402
+from treepo_kernels.triton_common import block_d_for  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 
 # (dtype, head_dim, g): tiny-model head_dim 8 (below tl.dot's K minimum), a non-power-of-two,
-# the KERNELS.md shapes, MQA with more than 64 query heads per KV head
+# the benchmark shapes of docs/kernels.md, MQA with more than 64 query heads per KV head
 CASES = [("bf16", 8, 3), ("fp16", 48, 4), ("bf16", 128, 8), ("bf16", 128, 7), ("fp32", 64, 1), ("bf16", 64, 96)]
 
 
@@ -42,29 +43,30 @@ def compile_kernel(fn, types: dict, constexprs: dict):
 def kernels_for(dt: str, D: int, g: int, leaves: int = 12, block_n: int = 16):
     """(name, fn, pointer types, constexprs) of every kernel a launch with these shapes runs."""
     prec = "ieee" if dt == "fp32" else "tf32"
-    block_d = triton_tree_decode.block_d_for(D)
-    block_m, leaf_tile = triton_tree_decode.tile_for(SimpleNamespace(max_unit_leaves=leaves), g)
+    block_d = block_d_for(D)
+    block_m, leaf_tile = tree_decode.tile_for(SimpleNamespace(max_unit_leaves=leaves), g)
     i32 = "*i32"
-    partials = dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", po_ptr="*fp32", pl_ptr="*fp32",
-                    scale_log2="fp32", item_unit_ptr=i32, item_leaf_ptr=i32, unit_page_ptr=i32, unit_pages_ptr=i32,
-                    unit_len_ptr=i32, unit_leaf_ptr=i32, unit_leaves_ptr=i32)
-    yield "partials", triton_tree_decode._partials_kernel, partials, dict(
+    partials = dict(q_ptr=f"*{dt}", k_cache_ptr=f"*{dt}", v_cache_ptr=f"*{dt}", part_o_ptr="*fp32",
+                    part_lse_ptr="*fp32", scale_log2="fp32", item_unit_ptr=i32, item_first_ptr=i32, unit_page_ptr=i32,
+                    unit_pages_ptr=i32, unit_len_ptr=i32, unit_leaf_ptr=i32, unit_leaves_ptr=i32)
+    yield "partials", tree_decode._partials_kernel, partials, dict(
         G=g, D=D, LEAF_TILE=leaf_tile, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PREC=prec)
     Hq = 4 * g
-    merge = dict(po_ptr="*fp32", pl_ptr="*fp32", leaf_part_ptr=i32, leaf_parts_ptr=i32, out_ptr=f"*{dt}",
+    merge = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", leaf_part_ptr=i32, leaf_parts_ptr=i32, out_ptr=f"*{dt}",
                  lse_ptr="*fp32")
-    yield "merge", triton_tree_decode._merge_kernel, merge, dict(
-        HQ=Hq, D=D, BLOCK_H=triton_tree_decode.merge_heads_for(Hq, block_d), BLOCK_D=block_d)
-    bq = triton_extend.block_q_for(g)
-    extend = dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", bt_ptr=i32, cu_ptr="*i64", kvl_ptr="*i64",
-                  item_seq_ptr=i32, item_q_ptr=i32, out_ptr=f"*{dt}", lse_ptr="*fp32", scale_log2="fp32")
+    yield "merge", tree_decode._merge_kernel, merge, dict(
+        HQ=Hq, D=D, BLOCK_H=tree_decode.merge_heads_for(Hq, block_d), BLOCK_D=block_d)
+    bq = extend.block_q_for(g)
+    ext = dict(q_ptr=f"*{dt}", k_cache_ptr=f"*{dt}", v_cache_ptr=f"*{dt}", block_tables_ptr=i32, cu_q_ptr="*i64",
+               kv_lens_ptr="*i64", item_seq_ptr=i32, item_q_ptr=i32, out_ptr=f"*{dt}", lse_ptr="*fp32",
+               scale_log2="fp32")
     for own_only in (False, True):  # paged_extend / tree_extend's causal part
-        yield "extend", triton_extend._extend_kernel, extend, dict(
+        yield "extend", extend._extend_kernel, ext, dict(
             G=g, D=D, BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * g)), BLOCK_N=block_n, BLOCK_D=block_d,
             PREC=prec, OWN_ONLY=own_only)
-    append = dict(k_ptr=f"*{dt}", v_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", pages_ptr="*i64",
-                  offs_ptr="*i64")
-    yield "append", triton_paged_kv._append_kernel, append, dict(D=D, BLOCK_D=triton.next_power_of_2(D))
+    append = dict(k_ptr=f"*{dt}", v_ptr=f"*{dt}", k_cache_ptr=f"*{dt}", v_cache_ptr=f"*{dt}", pages_ptr="*i64",
+                  offsets_ptr="*i64")
+    yield "append", paged_kv._append_kernel, append, dict(D=D, BLOCK_D=triton.next_power_of_2(D))
 
 
 def main() -> int:

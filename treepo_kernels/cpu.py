@@ -1,8 +1,12 @@
-"""Launchers for the C++ CPU kernels in csrc/ (torch.ops.treepo.*), with the references' contracts.
+"""Launchers of the C++ CPU kernels in csrc/ (torch.ops.treepo.*), with the references' contracts.
 
 The extension `treepo_kernels._C` is built by setup.py when a compiler is present; `status()` says
-whether it loaded and why not. Every launcher checks shapes and dtypes here (readable errors) and
-again in C++ (no out-of-bounds reads whatever the caller passes).
+whether it loaded and why not. Each launcher's docstring is its contract; the C++ op checks every
+shape, dtype and index of it on entry (RuntimeError naming the bad input, raised before anything is
+written), so no input can make a kernel read or write outside its tensors. Attention ops
+(docs/kernels.md, "C++ kernels"): `append_kv` (paged_kv.py's contract), `tree_decode`
+(tree_decode.py's), `paged_extend` (extend.py's `paged_attention_ref`); packed GEMMs
+(docs/kernels.md, "CPU GEMMs"): `pack_linear`, `linear_packed`, `gemm_impl`.
 """
 from __future__ import annotations
 
@@ -34,8 +38,11 @@ def _need():
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               slot_pages: torch.Tensor, slot_offsets: torch.Tensor) -> None:
-    """As `append_kv_ref`: caches [num_pages, H_kv, P, D] (contiguous), k/v [T, H_kv, D] in the
-    cache dtype, slot_pages / slot_offsets [T] int64. In place."""
+    """C++ `append_kv_ref`: write token t's K/V into page slot_pages[t] at offset slot_offsets[t].
+
+    k_cache, v_cache: [num_pages, H_kv, page_size, D] contiguous CPU tensors, one dtype (fp32 / bf16 /
+    fp16), written in place; k, v: [T, H_kv, D] (cast to the cache dtype); slot_pages, slot_offsets:
+    [T] integer tensors (made int64), every slot inside the cache (checked before any write)."""
     _need()
     torch.ops.treepo.append_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype),
                                slot_pages.long().contiguous(), slot_offsets.long().contiguous())
@@ -43,9 +50,13 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
 
 def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan,
                 scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `tree_decode_ref`: q [B, H_q, D] (row b = leaf b of the plan) in the cache dtype (fp32,
-    bf16 or fp16), caches [num_pages, H_kv, P, D], plan arrays int32 on the CPU.
-    Returns (out [B, H_q, D] in q's dtype, lse [B, H_q] fp32, natural log)."""
+    """C++ `tree_decode_ref`.
+
+    q: [B, H_q, D], row b = leaf b of the plan, in the caches' dtype (fp32, bf16 or fp16);
+    k_cache, v_cache: [num_pages, H_kv, page_size, D] contiguous CPU tensors, H_q a multiple of H_kv;
+    plan: a TreePlan on the CPU (contiguous int32 arrays; page ids and leaf / slot indices in range);
+    scale defaults to 1/sqrt(D). Returns (out [B, H_q, D] in q's dtype, lse [B, H_q] fp32, natural
+    log), bit-identical for any thread count."""
     _need()
     assert q.dim() == 3 and q.shape[0] == plan.num_leaves, f"q {tuple(q.shape)} vs {plan.num_leaves} leaves"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -56,9 +67,14 @@ def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p
 
 def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  cu_q: torch.Tensor, kv_lens: torch.Tensor, scale: float | None = None):
-    """As `paged_attention_ref` (decode rows are the case of one new token): q [T, H_q, D],
-    block_tables [B, max_pages] int32, cu_q [B + 1], kv_lens [B] (K/V of the new tokens already
-    appended). Returns (out [T, H_q, D] in q's dtype, lse [T, H_q] fp32)."""
+    """C++ `extend.paged_attention_ref` (decode rows are the case of one new token).
+
+    q: [T, H_q, D] in the caches' dtype (sequence b owns rows cu_q[b]:cu_q[b+1]); k_cache, v_cache:
+    [num_pages, H_kv, page_size, D] contiguous CPU tensors already holding the new tokens' K/V;
+    block_tables: [B, max_pages] integer (made int32), each row holding at least
+    ceil(kv_lens[b] / page_size) valid page ids; cu_q: [B + 1] from 0 to T, kv_lens: [B] with
+    kv_lens[b] >= the new tokens of b (both made int64). Returns (out [T, H_q, D] in q's dtype,
+    lse [T, H_q] fp32, natural log), bit-identical for any thread count."""
     _need()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return torch.ops.treepo.paged_extend(q, k_cache, v_cache, block_tables.int().contiguous(),

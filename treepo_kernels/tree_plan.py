@@ -4,11 +4,12 @@ The tree is read off the block tables themselves: the KV cache only ever shares 
 fork copies the partial tail), so two decode rows share a page exactly when they share a prefix
 node of the sampling tree. Inserting every row's page list into a trie and compressing chains
 whose leaf set does not change gives the tree's nodes: a run of pages and the rows (leaves)
-below it. A shared node's KV then needs to be read once per step for all its leaves (KERNELS.md).
+below it. A shared node's KV then needs to be read once per step for all its leaves
+(docs/kernels.md, "Tree planner").
 
 Output: work *units*, each = (a run of pages holding `unit_len` tokens, the leaves that attend to
 it). A unit produces one partial (output, LSE) per leaf; each leaf merges its partials in a fixed
-order (root first) - deterministic, no atomics. Two levers (KERNELS.md):
+order (root first) - deterministic, no atomics. Two levers:
 - `min_fanout`: a node with fewer leaves is folded into its children (they re-read its pages
   inside their own unit) - re-reading is cheaper than one more partial when little is shared;
   min_fanout=2 keeps every shared node, a huge value gives plain paged decode (one unit per row).
@@ -21,6 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from .common import cdiv
 
 
 @dataclass
@@ -82,7 +85,7 @@ def plan_tree(block_tables: list[list[int]], kv_lens: list[int], page_size: int,
     root = _Node(0)
     for b, (table, L) in enumerate(zip(block_tables, kv_lens)):
         assert L >= 1, f"row {b} has kv_len {L}"
-        n_pages = -(-L // P)
+        n_pages = cdiv(L, P)
         assert len(table) >= n_pages, f"row {b}: {len(table)} pages for {L} tokens"
         node = root
         for i in range(n_pages):

@@ -4,8 +4,20 @@ The runner builds one AttentionMetadata per step (block tables, lengths, slots o
 the backend turns it into a plan once (`plan`), and every layer then calls `forward` with that
 plan. The model only ever sees `PagedAttention(layer_idx, q, k, v) -> out`.
 
-Backends: "torch" (batched plain PyTorch, this file), "triton" (treepo_kernels, CUDA) and "cpu"
-(csrc extension) when available; "auto" picks the fastest available for the device.
+Backend protocol (a class; `make_backend` instantiates it with no arguments):
+- `name`: the `attention_backend` string that selects it;
+- `available(device) -> (ok, reason)` (optional staticmethod; absent means always available):
+  whether it runs on `device`, and if not why not - `backend_status` reports this, never raising;
+- `auto_ok` (optional, default True): whether "auto" may pick it when available;
+- `plan(meta, kv, num_q_heads) -> plan`: once per step, on the host, everything the layers share
+  (its own small dataclass: `TorchPlan`, `CpuPlan`, `TritonPlan`, fields documented there);
+- `forward(layer, q, k, v, meta, kv, plan) -> out`: per layer; appends the step's k / v [T, H_kv, D]
+  into layer `layer`'s pages, then returns the attention of q [T, H_q, D] (the step's flat tokens,
+  sequence b owning meta.cu_q[b]:cu_q[b+1]) over each sequence's cached and new tokens, [T, H_q, D].
+
+Backends: "torch" (batched plain PyTorch, torch_backend.py), "triton" (treepo_kernels' Triton
+kernels, CUDA; triton_backend.py) and "cpu" (the csrc extension; cpu_backend.py) when available;
+"auto" picks the fastest available for the device. The kernels: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -13,11 +25,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from treepo_kernels.paged_kv import append_kv_ref
+from treepo_kernels.common import cdiv
 
 from ..kv_cache import PagedKVCache
+from .torch_backend import TorchBackend
 
 
 @dataclass
@@ -37,11 +49,11 @@ class AttentionMetadata:
     def build(cls, kv: PagedKVCache, tables: list[list[int]], q_lens: list[int], kv_lens: list[int],
               device) -> "AttentionMetadata":
         P = kv.page_size
-        max_pages = max(-(-L // P) for L in kv_lens)
+        max_pages = max(cdiv(L, P) for L in kv_lens)
         bt = torch.zeros(len(tables), max_pages, dtype=torch.int32)
         pages, offsets = [], []
         for b, (t, n, L) in enumerate(zip(tables, q_lens, kv_lens)):
-            used = t[: -(-L // P)]
+            used = t[: cdiv(L, P)]
             bt[b] = used[0]  # padding points at a live page of the same sequence
             bt[b, : len(used)] = torch.tensor(used, dtype=torch.int32)
             p, o = kv.slots(t, L - n, L)
@@ -52,8 +64,7 @@ class AttentionMetadata:
         return cls(list(q_lens), list(kv_lens), bt.to(device),
                    torch.tensor(pages, dtype=torch.int64, device=device),
                    torch.tensor(offsets, dtype=torch.int64, device=device), cu.to(device),
-                   [list(t[: -(-L // P)]) for t, L in zip(tables, kv_lens)], P)
-
+                   [list(t[: cdiv(L, P)]) for t, L in zip(tables, kv_lens)], P)
 
     def rows(self, decode: bool) -> tuple[list[int], torch.Tensor | None]:
         """The decode rows (one new token) or the extend rows (several), and the flat indices of
@@ -65,78 +76,6 @@ class AttentionMetadata:
             return rows, self.cu_q[rows]
         tok = [t for b in rows for t in range(int(self.cu_q[b]), int(self.cu_q[b + 1]))]
         return rows, torch.tensor(tok, dtype=torch.int64, device=self.cu_q.device)
-
-
-class TorchBackend:
-    """Batched plain-PyTorch attention over the paged pool.
-
-    Decode rows (one new token each) gather their pages with one index_select per layer (whole
-    contiguous pages, the fast path) into [B, pages, H_kv, P, D] and attend page by page with
-    batched matmuls: scores [B, pages, H_kv, g, P], one softmax over all pages of a row, then the
-    per-page partial outputs summed in fp32. GQA packs the g query heads of a KV head as g rows, so
-    no K/V is repeated per query head. Scores are formed in the model dtype and softmaxed in fp32
-    (as transformers' eager attention). Extend rows (prefill, segments) go through SDPA with a
-    causal-with-offset mask."""
-
-    name = "torch"
-
-    def plan(self, meta: AttentionMetadata, kv: PagedKVCache, num_q_heads: int):
-        P, dev = kv.page_size, meta.block_tables.device
-        g = num_q_heads // kv.num_kv_heads
-        plan = {}
-        dec = [b for b, n in enumerate(meta.q_lens) if n == 1]
-        if dec:
-            kv_lens = torch.tensor([meta.kv_lens[b] for b in dec], device=dev)
-            n_pages = -(-int(kv_lens.max()) // P)
-            j = torch.arange(n_pages * P, device=dev)
-            bias = torch.zeros(len(dec), n_pages * P, device=dev).masked_fill(j[None] >= kv_lens[:, None], float("-inf"))
-            pages = meta.block_tables[dec, :n_pages].reshape(-1).long()
-            plan["decode"] = (pages, len(dec), n_pages, meta.cu_q[dec].to(dev), bias.view(len(dec), 1, 1, n_pages, P))
-        ext = [b for b, n in enumerate(meta.q_lens) if n > 1]
-        if ext:
-            q_lens = torch.tensor([meta.q_lens[b] for b in ext], device=dev)
-            kv_lens = torch.tensor([meta.kv_lens[b] for b in ext], device=dev)
-            n_pages = -(-int(kv_lens.max()) // P)
-            max_q = int(q_lens.max())
-            i = torch.arange(max_q, device=dev)
-            valid = i[None] < q_lens[:, None]  # [Be, max_q]
-            tok = torch.where(valid, meta.cu_q[ext].to(dev)[:, None] + i, torch.zeros_like(valid, dtype=torch.long))
-            qpos = kv_lens[:, None] - q_lens[:, None] + i[None]  # absolute position of each query
-            j = torch.arange(n_pages * P, device=dev)
-            mask = (j[None, None] <= qpos[:, :, None]) | (~valid[:, :, None] & (j == 0))  # [Be, max_q, L]
-            mask = mask[:, None, None].expand(-1, 1, g, -1, -1).reshape(len(ext), 1, g * max_q, n_pages * P)
-            plan["extend"] = (meta.block_tables[ext, :n_pages].long(), tok, valid, max_q, mask)
-        return plan
-
-    def forward(self, layer: int, q, k, v, meta: AttentionMetadata, kv: PagedKVCache, plan):
-        append_kv_ref(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
-        T, Hq, D = q.shape
-        Hkv = kv.num_kv_heads
-        g = Hq // Hkv
-        out = torch.empty_like(q)
-        if "decode" in plan:
-            pages, B, M, tok, bias = plan["decode"]
-            P = kv.page_size
-            kk = torch.index_select(kv.k[layer], 0, pages).view(B, M, Hkv, P, D)
-            vv = torch.index_select(kv.v[layer], 0, pages).view(B, M, Hkv, P, D)
-            qq = q[tok].view(B, 1, Hkv, g, D).expand(B, M, Hkv, g, D)
-            s = torch.matmul(qq, kk.transpose(-1, -2))  # [B, M, Hkv, g, P]
-            s = s.permute(0, 2, 3, 1, 4).float() * D ** -0.5 + bias  # [B, Hkv, g, M, P]
-            p = s.reshape(B, Hkv, g, M * P).softmax(-1).to(q.dtype)
-            p = p.view(B, Hkv, g, M, P).permute(0, 3, 1, 2, 4)  # [B, M, Hkv, g, P]
-            o = torch.matmul(p, vv).sum(1, dtype=torch.float32)  # [B, Hkv, g, D]
-            out[tok] = o.view(B, Hq, D).to(q.dtype)
-        if "extend" in plan:
-            tables, tok, valid, max_q, mask = plan["extend"]
-            B, n_pages = tables.shape
-            L = n_pages * kv.page_size
-            kk = kv.k[layer][tables].transpose(1, 2).reshape(B, Hkv, L, D)
-            vv = kv.v[layer][tables].transpose(1, 2).reshape(B, Hkv, L, D)
-            qq = q[tok].view(B, max_q, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * max_q, D)
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
-            o = o.view(B, Hkv, g, max_q, D).permute(0, 3, 1, 2, 4).reshape(B, max_q, Hq, D)
-            out[tok[valid]] = o[valid]
-        return out
 
 
 def _backend_class(name: str):

@@ -6,12 +6,27 @@ for all those rows. Extend rows (prefill, recompute, fallback re-runs) use the p
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from treepo_kernels import cpu as kernels
-from treepo_kernels.tree_plan import plan_tree
+from treepo_kernels.tree_plan import TreePlan, plan_tree
 
 from ..kv_cache import PagedKVCache
+
+
+@dataclass
+class CpuPlan:
+    """One step's plan, shared by every layer. Decode (extend) fields are None when the step has no
+    decode (extend) rows; a `*_tok` is also None when its rows are all the step's tokens (no gather)."""
+
+    tree: TreePlan | None = None  # the decode rows' tree plan (leaf b = b-th decode row)
+    decode_tok: torch.Tensor | None = None  # [B_d] int64: flat token index of each decode row
+    block_tables: torch.Tensor | None = None  # [B_e, max_pages] int32: the extend rows' pages
+    cu_q: torch.Tensor | None = None  # [B_e + 1] int64: extend row b owns gathered tokens cu_q[b]:cu_q[b+1]
+    kv_lens: torch.Tensor | None = None  # [B_e] int64: tokens per extend row, cached + new
+    extend_tok: torch.Tensor | None = None  # [T_e] int64: flat token index of each extend token
 
 
 class CpuBackend:
@@ -27,33 +42,33 @@ class CpuBackend:
             return False, f"the C++ kernels run on the CPU, not {device.type}"
         return kernels.status()
 
-    def plan(self, meta, kv: PagedKVCache, num_q_heads: int):
-        plan = {}
+    def plan(self, meta, kv: PagedKVCache, num_q_heads: int) -> CpuPlan:
+        plan = CpuPlan()
         dec, tok = meta.rows(decode=True)
         if dec:
-            tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
-                             min_fanout=self.min_fanout)
-            plan["decode"] = (tree, tok)
+            plan.decode_tok = tok
+            plan.tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
+                                  min_fanout=self.min_fanout)
         ext, tok = meta.rows(decode=False)
         if ext:
+            plan.extend_tok = tok
             q_lens = torch.tensor([meta.q_lens[b] for b in ext])
-            cu = torch.zeros(len(ext) + 1, dtype=torch.int64)
-            cu[1:] = q_lens.cumsum(0)
-            plan["extend"] = (meta.block_tables[ext].contiguous(), cu,
-                              torch.tensor([meta.kv_lens[b] for b in ext], dtype=torch.int64), tok)
+            plan.cu_q = torch.zeros(len(ext) + 1, dtype=torch.int64)
+            plan.cu_q[1:] = q_lens.cumsum(0)
+            plan.block_tables = meta.block_tables[ext].contiguous()
+            plan.kv_lens = torch.tensor([meta.kv_lens[b] for b in ext], dtype=torch.int64)
         return plan
 
-    def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan):
+    def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan: CpuPlan):
         kernels.append_kv(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
         q = q.to(kv.k.dtype)
-        if len(plan) == 1:  # one kind of row: no gather / scatter
-            if "decode" in plan:
-                return kernels.tree_decode(q, kv.k[layer], kv.v[layer], plan["decode"][0])[0]
-            tables, cu, kv_lens, _ = plan["extend"]
-            return kernels.paged_extend(q, kv.k[layer], kv.v[layer], tables, cu, kv_lens)[0]
+        k_cache, v_cache = kv.k[layer], kv.v[layer]
+        if plan.block_tables is None:  # decode rows only: no gather / scatter
+            return kernels.tree_decode(q, k_cache, v_cache, plan.tree)[0]
+        if plan.tree is None:  # extend rows only
+            return kernels.paged_extend(q, k_cache, v_cache, plan.block_tables, plan.cu_q, plan.kv_lens)[0]
         out = torch.empty_like(q)
-        tree, tok = plan["decode"]
-        out[tok] = kernels.tree_decode(q[tok], kv.k[layer], kv.v[layer], tree)[0]
-        tables, cu, kv_lens, tok = plan["extend"]
-        out[tok] = kernels.paged_extend(q[tok], kv.k[layer], kv.v[layer], tables, cu, kv_lens)[0]
+        out[plan.decode_tok] = kernels.tree_decode(q[plan.decode_tok], k_cache, v_cache, plan.tree)[0]
+        out[plan.extend_tok] = kernels.paged_extend(q[plan.extend_tok], k_cache, v_cache, plan.block_tables,
+                                                    plan.cu_q, plan.kv_lens)[0]
         return out

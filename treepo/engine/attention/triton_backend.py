@@ -9,16 +9,30 @@ extend with that plan. On a CPU the kernels run only under the Triton interprete
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from treepo_kernels import triton_extend, triton_tree_decode
-from treepo_kernels.tree_plan import plan_tree
-from treepo_kernels.triton_extend import tree_extend
-from treepo_kernels.triton_paged_kv import append_kv
-from treepo_kernels.triton_tree_decode import tree_decode
+from treepo_kernels.extend import ExtendPlan, plan_extend, tree_extend
+from treepo_kernels.paged_kv import append_kv
+from treepo_kernels.tree_decode import tile_for, tree_decode, work_items
+from treepo_kernels.tree_plan import TreePlan, plan_tree
+from treepo_kernels.triton_common import TRITON_ERROR
 
 from ..kv_cache import PagedKVCache
+
+
+@dataclass
+class TritonPlan:
+    """One step's plan on the device, shared by every layer. Decode (extend) fields are None when
+    the step has no decode (extend) rows; a `*_tok` is also None when its rows are all the step's
+    tokens (no gather)."""
+
+    tree: TreePlan | None = None  # the decode rows' tree plan (leaf b = b-th decode row)
+    items: tuple | None = None  # its work items: (unit, first partial slot) [items] int32 each
+    decode_tok: torch.Tensor | None = None  # [B_d] int64: flat token index of each decode row
+    extend: ExtendPlan | None = None  # the extend rows' tree-aware extend plan
+    extend_tok: torch.Tensor | None = None  # [T_e] int64: flat token index of each extend token
 
 
 class TritonBackend:
@@ -31,50 +45,51 @@ class TritonBackend:
 
     @staticmethod
     def available(device: torch.device) -> tuple[bool, str]:
-        # (without triton this module does not import: attention.backend_status reports that)
+        if TRITON_ERROR is not None:
+            return False, f"not installed ({TRITON_ERROR})"
         if device.type == "cuda":
             return True, ""
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             return True, "interpreter"
         return False, f"needs CUDA (or TRITON_INTERPRET=1 on a CPU), not {device.type}"
 
-    def plan(self, meta, kv: PagedKVCache, num_q_heads: int):
+    def plan(self, meta, kv: PagedKVCache, num_q_heads: int) -> TritonPlan:
         dev = meta.block_tables.device
         g = num_q_heads // kv.num_kv_heads
-        plan = {}
+        plan = TritonPlan()
         dec, tok = meta.rows(decode=True)
         if dec:
             # planned on the host, then copied once: no device-to-host sync in the step
             tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
                              min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages)
-            items = triton_tree_decode.work_items(tree, triton_tree_decode.tile_for(tree, g)[1], "cpu")
-            tree = tree.to(dev)
-            items = tuple(t.to(dev, non_blocking=True) for t in items)
-            plan["decode"] = (tree, items, tok)
+            items = work_items(tree, tile_for(tree, g)[1], "cpu")
+            plan.tree = tree.to(dev)
+            plan.items = tuple(t.to(dev, non_blocking=True) for t in items)
+            plan.decode_tok = tok
         ext, tok = meta.rows(decode=False)
         if ext:  # tree-aware extend: a context shared by several rows is read once
-            xplan = triton_extend.plan_extend([meta.tables[b] for b in ext], [meta.kv_lens[b] for b in ext],
-                                              [meta.q_lens[b] for b in ext], kv.page_size, g, dev,
-                                              min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages)
-            plan["extend"] = (xplan, tok)
+            plan.extend = plan_extend([meta.tables[b] for b in ext], [meta.kv_lens[b] for b in ext],
+                                      [meta.q_lens[b] for b in ext], kv.page_size, g, dev,
+                                      min_fanout=self.min_fanout, max_unit_pages=self.max_unit_pages)
+            plan.extend_tok = tok
         return plan
 
-    def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan):
+    def forward(self, layer: int, q, k, v, meta, kv: PagedKVCache, plan: TritonPlan):
         append_kv(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
         q = q.to(kv.k.dtype)
-        out = None if len(plan) == 1 else torch.empty_like(q)
-        if "decode" in plan:
-            tree, items, tok = plan["decode"]
-            qd = q if tok is None else q[tok]
-            o = tree_decode(qd.contiguous(), kv.k[layer], kv.v[layer], tree, items=items)[0]
+        k_cache, v_cache = kv.k[layer], kv.v[layer]
+        both = plan.tree is not None and plan.extend is not None
+        out = torch.empty_like(q) if both else None
+        if plan.tree is not None:
+            qd = q if plan.decode_tok is None else q[plan.decode_tok]
+            o = tree_decode(qd.contiguous(), k_cache, v_cache, plan.tree, items=plan.items)[0]
             if out is None:
                 return o
-            out[tok] = o
-        if "extend" in plan:
-            xplan, tok = plan["extend"]
-            qe = q if tok is None else q[tok]
-            o = tree_extend(qe.contiguous(), kv.k[layer], kv.v[layer], xplan)[0]
+            out[plan.decode_tok] = o
+        if plan.extend is not None:
+            qe = q if plan.extend_tok is None else q[plan.extend_tok]
+            o = tree_extend(qe.contiguous(), k_cache, v_cache, plan.extend)[0]
             if out is None:
                 return o
-            out[tok] = o
+            out[plan.extend_tok] = o
         return out
