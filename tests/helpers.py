@@ -5,13 +5,17 @@ FAMILIES = {
     # name: (config class name, extra kwargs)
     "llama_gqa4_untied": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)),
     "llama_mha_tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama3_rope_gqa3": ("LlamaConfig", dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
-                                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
-    "llama_bias": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "llama3_rope_gqa3": ("LlamaConfig", dict(
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32})),
+    "llama_bias": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                       mlp_bias=True)),
     "qwen2_bias_gqa3": ("Qwen2Config", dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)),
-    "qwen3_norms_gqa4": ("Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
-    "mistral_gqa4": ("MistralConfig", dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=None, head_dim=8)),
+    "qwen3_norms_gqa4": ("Qwen3Config", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                             tie_word_embeddings=True)),
+    "mistral_gqa4": ("MistralConfig", dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+                                           head_dim=8)),
 }
 
 CLASSES = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",

@@ -8,10 +8,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import assert_close
-from treepo.advantages import (broadcast_to_tokens, grpo_advantages, reinforce_pp_baseline_advantages,
-                               tree_advantages, whiten)
+
+from treepo.advantages import (
+    broadcast_to_tokens,
+    grpo_advantages,
+    reinforce_pp_baseline_advantages,
+    tree_advantages,
+    whiten,
+)
 from treepo.losses import token_count_for_step
 from treepo.rollout.tree import Leaf, Tree, TreeStats, trees_to_batch
 

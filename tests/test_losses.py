@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from treepo.losses import entropy_from_logits, policy_loss, selective_logprobs, token_count_for_step
 
 # --------------------------------------------------------------------------- hand-worked tokens

@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from helpers import FAMILIES, assert_close, tiny_hf_model
 from safetensors.torch import save_file
 
-from helpers import FAMILIES, assert_close, tiny_hf_model
 from treepo import Engine, SamplingParams
 from treepo.engine.loader import load_model
 

@@ -2,8 +2,8 @@
 (treepo/packed_model.py) against the model's own forward."""
 import pytest
 import torch
-
 from helpers import assert_close, tiny_hf_model
+
 from treepo import Engine, SamplingParams
 from treepo.engine.packed_model import PackedModel, packed_status
 from treepo_kernels import cpu as kernels

@@ -3,14 +3,13 @@ import json
 
 import torch
 
-
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!+-*/=\\{}\n"
 
 
 def char_tokenizer():
     """A character-level fast tokenizer with a chat template (a small vocabulary a tiny model can
     move quickly)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}

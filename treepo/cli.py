@@ -9,8 +9,9 @@ import time
 
 
 def _engine(args):
-    from . import Engine
     from treepo.assets import bundled_model_path
+
+    from . import Engine
 
     path = args.model or bundled_model_path()
     return Engine.from_pretrained(path, dtype=args.dtype, attention_backend=args.backend)
@@ -42,8 +43,8 @@ def cmd_sample(args):
 
 
 def _sample_tree(eng, ids, params, args):
-    from treepo.rollout.tree import TreeConfig
     from treepo.rollout.sampler import TreeSampler
+    from treepo.rollout.tree import TreeConfig
     from treepo.rollout.viz import outline, trees_html
 
     cfg = TreeConfig(segment_len=args.segment_len, max_depth=args.depth, max_width=args.n,

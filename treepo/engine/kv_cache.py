@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from treepo_kernels.common import cdiv
+
 
 class KVCacheExhausted(RuntimeError):
     """Not enough free KV pages; state is unchanged."""
@@ -66,7 +68,7 @@ class PagedKVCache:
         return self.num_pages - len(self._free)
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return cdiv(num_tokens, self.page_size)
 
     def reset_peak(self):
         self.peak_used = self.num_used

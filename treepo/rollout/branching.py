@@ -11,6 +11,8 @@ import random
 
 import torch
 
+from treepo_kernels.common import cdiv
+
 
 def children_budget(max_width: int, num_leaves: int, num_active: int, num_finished: int,
                     branch_factor: int) -> int:
@@ -88,5 +90,5 @@ def page_bound(prompt_len: int, max_response_len: int, max_width: int, page_size
     W - F - f = W - F_new, and both children_budget and fallback_children keep that. Each holds
     at most one full-length chain of pages (+1 for a fork's copied tail page); one more chain
     covers a fallback stub. The sampler admits prompts in waves whose bounds fit the free pages."""
-    per_path = -(-(prompt_len + max_response_len + 1) // page_size) + 1
+    per_path = cdiv(prompt_len + max_response_len + 1, page_size) + 1
     return (max_width + 1) * per_path

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import tomllib
 from dataclasses import dataclass, field
+
+import tomllib
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

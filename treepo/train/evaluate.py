@@ -7,10 +7,11 @@ import math
 from collections import Counter, defaultdict
 
 from treepo.engine.config import SamplingParams
+
 from .data import Problem, render_prompt
 from .distributed import all_reduce_scalar
-from .rewards.problems import ProblemScorer
 from .rewards import extract_answer
+from .rewards.problems import ProblemScorer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -135,7 +135,8 @@ class RolloutCollector:
                 st.rewards += g.rewards
                 st.accuracies += g.accuracies
                 st.processed_tokens += t.stats.processed_tokens
-                st.sequential_tokens += len(t.prompt_token_ids) + sum(len(lf.token_ids) for lf in t.leaves) - len(t.leaves)
+                responses = sum(len(lf.token_ids) for lf in t.leaves)
+                st.sequential_tokens += len(t.prompt_token_ids) + responses - len(t.leaves)
                 for leaf in t.leaves:
                     st.finish[leaf.finish_reason] += 1
                     st.leaf_lengths.append(len(leaf.token_ids))

@@ -34,6 +34,7 @@ from treepo.engine.tokenizer import load_tokenizer
 from treepo.losses import policy_loss, token_count_for_step
 from treepo.rollout.sampler import TreeSampler
 from treepo.rollout.tree import trees_to_batch
+from treepo_kernels.common import cdiv
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
@@ -46,10 +47,6 @@ from .rollout import Rollout, RolloutCollector
 from .run_dir import clear_previous_run, plan_run_on_rank0, write_config
 
 MICRO_KEYS = ("prompts", "responses", "response_mask", "input_ids", "attention_mask", "position_ids")
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass
