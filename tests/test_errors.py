@@ -98,6 +98,17 @@ def test_a_json_error_in_a_checkpoint_file_names_the_file(tiny, tmp_path, name):
         load(d)
 
 
+def test_a_bad_shard_index_names_the_file(tiny, tmp_path):
+    d = copy_of(tiny, tmp_path)
+    index = os.path.join(d, "model.safetensors.index.json")
+    open(index, "w").write('{"weight_map": {"a": "model.safetensors",}}')
+    with pytest.raises(ValueError, match=f"{index}: not valid JSON"):
+        load_model(d)
+    open(index, "w").write('{"metadata": {}}')
+    with pytest.raises(ValueError, match=f'{index}: needs a "weight_map" object'):
+        load_model(d)
+
+
 def test_a_config_json_that_is_not_an_object_names_the_file(tiny, tmp_path):
     d = copy_of(tiny, tmp_path)
     open(os.path.join(d, "config.json"), "w").write("[1]")
