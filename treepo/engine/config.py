@@ -17,6 +17,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# ModelConfig field -> its config.json key, where they differ (errors name the key the user wrote)
+HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+           "num_kv_heads": "num_key_value_heads"}
+
 
 @dataclass(slots=True)
 class ModelConfig:
@@ -45,6 +49,24 @@ class ModelConfig:
     torch_dtype: str | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{HF_KEYS.get(name, name)}={v!r} must be a positive integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a finite number > 0")
+            setattr(self, name, float(v))
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window={self.sliding_window!r} must be a positive integer or null")
+        for name, ids in (("eos_token_id", self.eos_token_ids),
+                          ("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,))):
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+                raise ValueError(f"{name}={list(ids) if name == 'eos_token_id' else ids[0]!r} must be token ids "
+                                 "(integers >= 0)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")
@@ -63,6 +85,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
+        """From a config.json's dict; a missing, non-integer or negative size is a ValueError naming the
+        key (load_model adds the file)."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"expected a JSON object of model settings, got {type(cfg).__name__}")
+
+        def need(key):
+            if cfg.get(key) is None:
+                raise ValueError(f"{key!r} is missing; a {family} config.json needs vocab_size, hidden_size, "
+                                 "intermediate_size, num_hidden_layers and num_attention_heads")
+            return cfg[key]
+
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
@@ -74,7 +107,11 @@ class ModelConfig:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
-        heads = cfg["num_attention_heads"]
+        heads, hidden = need("num_attention_heads"), need("hidden_size")
+        kv_heads = cfg.get("num_key_value_heads")
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:  # HF's default; only computed from sizes that are valid (else __post_init__ says which)
+            head_dim = hidden // heads if all(type(v) is int and v > 0 for v in (hidden, heads)) else hidden
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or None
         if rope and rope.get("rope_type", "default") != "default":
@@ -92,16 +129,16 @@ class ModelConfig:
         attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
             family=family,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            num_kv_heads=heads if kv_heads is None else kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or attention_bias,

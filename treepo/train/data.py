@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import tomllib
@@ -71,17 +72,99 @@ def gym_problems(task: str, size: int, seed: int, **task_config) -> list[Problem
 
 
 def jsonl_problems(path: str, source: str | None = None) -> list[Problem]:
-    """Problems from a JSONL file with "question" and "answer" per line."""
+    """Problems from a JSONL file: one {"question": text, "answer": any JSON value} object per
+    non-blank line (other keys are ignored). Every error names the file and its 1-based line
+    (lines are counted at "\\n", as editors and `sed -n Np` count them)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; expected a JSONL file of {{\"question\", \"answer\"}} lines")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"JSONL file {path} does not exist")
     out = []
-    with open(path) as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:  # binary: only "\n" ends a line, so the line numbers are the editor's
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {n}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            d = json.loads(line)
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}: column {e.colno}); each line must "
+                                 f"be one object like {{\"question\": \"...\", \"answer\": \"...\"}}") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object with 'question' and 'answer', got "
+                                 f"a JSON {_json_kind(d)}")
             if "question" not in d or "answer" not in d:
-                raise ValueError(f"{path} line {i + 1}: needs 'question' and 'answer', has {sorted(d)}")
-            out.append(Problem(d["question"], str(d["answer"]), source or os.path.basename(path)))
+                raise ValueError(f"{path} line {n}: needs 'question' and 'answer', has {sorted(d)}")
+            if not isinstance(d["question"], str) or not d["question"].strip():
+                raise ValueError(f"{path} line {n}: 'question' must be non-empty text, got {d['question']!r}")
+            if d["answer"] is None:
+                raise ValueError(f"{path} line {n}: 'answer' is null; give the gold answer (text or a number)")
+            out.append(Problem(d["question"], str(d["answer"]), source or os.path.basename(path),
+                               meta={"line": n}))
+    if not out:
+        raise ValueError(f"{path} holds no problems (it is empty or blank); expected one "
+                         f"{{\"question\": ..., \"answer\": ...}} object per line")
     return out
+
+
+def _json_kind(v) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+# ---------------------------------------------------------------------------- held-out split
+
+def check_heldout_size(heldout_size) -> None:
+    if isinstance(heldout_size, bool) or not isinstance(heldout_size, int) or heldout_size < 0:
+        raise ValueError(f"heldout_size={heldout_size!r} must be an integer >= 0 (0 = no held-out evaluation)")
+
+
+def split_heldout(pool: list[Problem], heldout_size: int, what: str, seed: int = 0,
+                  last: bool = False) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out): `heldout_size` problems whose questions never occur in training.
+
+    The held-out set is the pool's last `heldout_size` problems (`last`: a JSONL file, whose user
+    controls the split) or one problem of each of `heldout_size` distinct questions sampled with
+    Random(seed + 10000) (a generated pool, where questions repeat). Every other problem with a
+    held-out question is dropped from training, so the training stream never shows one.
+    heldout_size 0 means no held-out set. `what` names the pool in errors (the file, the task).
+    Refuses (ValueError) when the pool cannot give both a held-out set and a training problem.
+    """
+    check_heldout_size(heldout_size)
+    if heldout_size == 0:
+        return list(pool), []
+    fix = "use a smaller --heldout_size, or --heldout_size 0 for no held-out evaluation"
+    if last:
+        if len(pool) <= heldout_size:
+            raise ValueError(f"{what} has {len(pool)} problems and heldout_size={heldout_size}: holding out the last "
+                             f"{heldout_size} leaves none to train on; give more than {heldout_size} problems, "
+                             + fix)
+        heldout = pool[-heldout_size:]
+        rest = pool[:-heldout_size]
+    else:
+        questions = list(dict.fromkeys(p.question for p in pool))  # distinct, in order of first appearance
+        if len(questions) <= heldout_size:
+            raise ValueError(f"{what} yields {len(questions)} distinct questions in {len(pool)} problems and "
+                             f"heldout_size={heldout_size}: a held-out set disjoint from training needs more than "
+                             f"{heldout_size}; widen --train_task_config, {fix}")
+        chosen = set(random.Random(seed + 10_000).sample(questions, heldout_size))
+        first = {}
+        for p in pool:
+            if p.question in chosen:
+                first.setdefault(p.question, p)
+        heldout = list(first.values())
+        rest = pool
+    held_q = {p.question for p in heldout}
+    train = [p for p in rest if p.question not in held_q]
+    if not train:
+        raise ValueError(f"{what}: every training problem repeats a question of the held-out set (last "
+                         f"{heldout_size}), so none is left to train on; " + fix)
+    if last and len(train) < len(rest):
+        warnings.warn(f"{what}: {len(rest) - len(train)} training lines repeat a question of the held-out set "
+                      f"(last {heldout_size} lines) and are not trained on", stacklevel=2)
+    return train, heldout
 
 
 class PromptStream:

@@ -38,7 +38,7 @@ from treepo_kernels.common import cdiv
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
-from .data import PromptStream, gsm8k_test, gym_problems, jsonl_problems
+from .data import PromptStream, check_heldout_size, gsm8k_test, gym_problems, jsonl_problems, split_heldout
 from .distributed import all_max, all_reduce_scalar, init_distributed, shard_model
 from .evaluate import evaluate, reduce_eval
 from .metrics import MetricsLog, TokenWeighted, eval_line, progress_line, rollout_metrics, timing_metrics
@@ -107,16 +107,20 @@ class Trainer:
         self.log = MetricsLog(self.out, self.rank)
 
     def _datasets(self):
-        """(train, held-out) problems: the same on every rank; rank r takes its slice per step."""
+        """(train, held-out) problems: the same on every rank; rank r takes its slice per step.
+        No held-out question occurs in training (data.split_heldout; docs/training.md section 9)."""
         cfg = self.cfg
         if cfg.train_jsonl:
-            train = jsonl_problems(cfg.train_jsonl)
-            heldout = train[-cfg.heldout_size:]
-            return train[:-cfg.heldout_size] or train, heldout
-        train = gym_problems(cfg.train_task, cfg.train_size, cfg.seed, **cfg.train_task_config)
-        heldout = gym_problems(cfg.train_task, cfg.heldout_size, cfg.seed + 10_000, **cfg.train_task_config)
-        seen = {p.question for p in train}
-        return train, [p for p in heldout if p.question not in seen] or heldout
+            train, heldout = split_heldout(jsonl_problems(cfg.train_jsonl), cfg.heldout_size, cfg.train_jsonl,
+                                           last=True)
+        else:
+            check_heldout_size(cfg.heldout_size)
+            pool = gym_problems(cfg.train_task, cfg.train_size + cfg.heldout_size, cfg.seed, **cfg.train_task_config)
+            train, heldout = split_heldout(pool, cfg.heldout_size, f"--train_task {cfg.train_task} with its "
+                                           f"--train_task_config", seed=cfg.seed)
+        self._print(f"data: {len(train)} training problems ({len({p.question for p in train})} distinct "
+                    f"questions), {len(heldout)} held-out problems whose questions are never trained on")
+        return train, heldout
 
     # ------------------------------------------------------------------ engine weights
     @torch.no_grad()
