@@ -1,7 +1,11 @@
 """Rewards (docs/algorithm.md section 4): answer extraction, a table of tricky answers verified with
-math-verify + the normalised compare, failure-proof batch scoring (exceptions, timeouts, a hung
-sympy), use from non-main threads, and reasoning-gym's own checker."""
+math-verify + the normalised compare, failure-proof batch scoring in this thread (exceptions,
+exits, bad values; the worker processes are tested in test_reward_workers.py), a hung sympy,
+use from non-main threads, and reasoning-gym's own checker."""
 import json
+import logging
+import os
+import sys
 import threading
 import time
 
@@ -15,7 +19,7 @@ from treepo.train.rewards import (
     math_reward,
     normalize_answer,
     score_batch,
-    verifier,  # the module whose _WORKER _Verifier reads: the worker tests patch it there
+    verifier,  # its worker pools: the sympy-bomb test checks the worker is replaced
 )
 
 # --------------------------------------------------------------------------- extraction
@@ -131,42 +135,36 @@ def _sample(answer):
     return {"answer": answer, "gym_entry": None}
 
 
-def test_score_batch_counts_exceptions_and_continues():
+def test_score_batch_in_this_thread_counts_failures_and_continues(caplog):
+    """timeout_s=None: any callable, called here; a failure scores -1 and the batch goes on."""
     def fn(text, sample):
         if text == "boom":
             raise KeyError("no such field")
         if text == "base":
             from math_verify.errors import TimeoutException
             raise TimeoutException("a BaseException subclass")
-        if text == "nan":
-            return float("nan")
-        if text == "str":
-            return "not a number"
+        if text == "exit":
+            sys.exit(3)
+        bad = {"nan": float("nan"), "str": "0.5", "huge": 1e308, "none": None}
+        if text in bad:
+            return bad[text]
         return math_reward(text, sample["answer"])
 
-    texts = ["\\boxed{4}", "boom", "\\boxed{5}", "base", "nan", "str", "The answer is 4"]
-    r, acc, failures = score_batch(fn, texts, [_sample("4")] * 7)
-    assert r == [1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0]
-    assert acc == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert failures == 4
+    texts = ["\\boxed{4}", "boom", "\\boxed{5}", "base", "nan", "str", "exit", "huge", "none", "The answer is 4"]
+    with caplog.at_level(logging.WARNING, logger="treepo.train.rewards.scoring"):
+        r, acc, failures = score_batch(fn, texts, [_sample("4")] * len(texts), timeout_s=None)
+    assert r == [1.0, -1.0, -1.0] + [-1.0] * 6 + [1.0]
+    assert acc == [1.0, 0.0, 0.0] + [0.0] * 6 + [1.0]
+    assert failures == 7
+    msg = caplog.text
+    # per type of failure: its count and the first one's reason (nan and 1e308 are both ValueErrors)
+    assert "7/10 reward calls failed (scored -1): 1x, first response 1: KeyError: 'no such field'; " \
+           "1x, first response 3: TimeoutException: a BaseException subclass; 2x, first response 4: " \
+           "ValueError: reward nan is not a finite number within +-1e+06; 2x, first response 5: " \
+           "TypeError: returned a str, not a number: '0.5'; 1x, first response 6: SystemExit: 3" in msg, msg
 
 
-def test_score_batch_times_out_promptly_and_continues():
-    def fn(text, sample):
-        if text == "slow":
-            time.sleep(3.0)
-            return 1.0
-        return 0.5
-
-    t0 = time.perf_counter()
-    r, acc, failures = score_batch(fn, ["ok", "slow", "ok", "slow", "ok"], [{}] * 5, timeout_s=0.2)
-    elapsed = time.perf_counter() - t0
-    assert r == [0.5, -1.0, 0.5, -1.0, 0.5] and acc == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert failures == 2
-    assert elapsed < 1.5, f"score_batch took {elapsed:.2f}s with two 0.2 s timeouts"
-
-
-def test_score_batch_without_deadline_and_errors():
+def test_score_batch_arguments_and_what_propagates():
     from math_verify.errors import TimeoutException
 
     def fn(t, s):
@@ -179,54 +177,38 @@ def test_score_batch_without_deadline_and_errors():
     r, acc, failures = score_batch(fn, ["x", "y", "t"], [{}, {}, {}], timeout_s=None)
     assert r == [-1.0, -0.5, -1.0] and acc == [0.0, 0.0, 0.0] and failures == 2
     with pytest.raises(KeyboardInterrupt):  # a request to stop is not a failed reward
-        score_batch(lambda t, s: (_ for _ in ()).throw(KeyboardInterrupt()), ["a"], [{}])
+        score_batch(lambda t, s: (_ for _ in ()).throw(KeyboardInterrupt()), ["a"], [{}], timeout_s=None)
     with pytest.raises(ValueError, match="2 texts but 1 samples"):
         score_batch(lambda t, s: 1.0, ["a", "b"], [{}])
     with pytest.raises(ValueError, match="timeout_s=0"):
         score_batch(lambda t, s: 1.0, ["a"], [{}], timeout_s=0)
+    # a deadline needs a worker process, which imports fn by name: a lambda or a closure cannot go
+    with pytest.raises(ValueError, match="imports it by name.*timeout_s=None"):
+        score_batch(lambda t, s: 1.0, ["a"], [{}], timeout_s=5)
+    with pytest.raises(ValueError, match="imports it by name"):
+        score_batch(fn, ["a"], [{}], timeout_s=5)
     assert score_batch(lambda t, s: 1.0, [], []) == ([], [], 0)
-
-
-def test_hung_verifier_worker_is_killed(monkeypatch):
-    """A worker that never answers (a sympy loop) is killed at the deadline and replaced."""
-    monkeypatch.setattr(verifier, "_WORKER", "import sys, time\nprint('ready', flush=True)\n"
-                                             "for line in sys.stdin:\n    time.sleep(600)\n")
-    v = verifier._Verifier()
-    try:
-        t0 = time.perf_counter()
-        with pytest.raises(RewardTimeout, match="took over 0.3s"):
-            v.verify("\\boxed{1}", "\\boxed{2}", timeout_s=0.3)
-        assert time.perf_counter() - t0 < 5.0
-        assert v.proc is None  # killed
-        answering = verifier._WORKER.replace("time.sleep(600)", "print('{\"ok\": true}', flush=True)")
-        monkeypatch.setattr(verifier, "_WORKER", answering)
-        assert v.verify("\\boxed{1}", "\\boxed{1}", timeout_s=5.0) is True  # a fresh worker
-    finally:
-        v.close()
-
-
-def test_crashed_verifier_worker_is_an_error_not_a_hang(monkeypatch):
-    monkeypatch.setattr(verifier, "_WORKER", "import sys\nprint('ready', flush=True)\n"
-                                             "for line in sys.stdin:\n    sys.exit(3)\n")
-    v = verifier._Verifier()
-    try:
-        with pytest.raises(RuntimeError, match="exited with code 3"):
-            v.verify("\\boxed{1}", "\\boxed{2}", timeout_s=30.0)
-        assert v.proc is None
-    finally:
-        v.close()
+    assert score_batch("reward_fixtures:by_text", ["ok", "nan"], [{}, {}], timeout_s=None) == \
+        ([0.5, -1.0], [1.0, 0.0], 1)  # a spec, called here
 
 
 def test_math_reward_on_a_sympy_bomb_returns_promptly():
     """9^{9^{9^{9}}} keeps sympy busy for minutes (math-verify 0.9.0). math_reward gives up at
-    its deadline; under score_batch that is a counted failure scoring -1; the next call works."""
+    its deadline, its worker is killed (the process is gone) and replaced; under score_batch that
+    is a counted failure scoring -1; the next call works."""
+    assert math_reward("\\boxed{x + 1}", "1+x") == 1.0  # the worker is up
+    pool = verifier._math_verify
+    (old,), restarts = pool.pids(), pool.restarts
     t0 = time.perf_counter()
     r, _, failures = score_batch(lambda t, s: math_reward(t, s["answer"], timeout_s=1.0),
                                  ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{\\frac{2}{4}}"], [_sample("1"), _sample("0.5")],
-                                 timeout_s=30)
+                                 timeout_s=None)
     assert time.perf_counter() - t0 < 15.0
-    assert r == [-1.0, 1.0]
-    assert failures in (0, 1)  # 1 when it timed out (it does with math-verify 0.9.0)
+    assert r == [-1.0, 1.0] and failures == 1
+    assert pool.restarts == restarts + 1 and pool.pids() != [old]
+    assert not os.path.exists(f"/proc/{old}")  # killed and reaped: not spinning on
+    with pytest.raises(RewardTimeout, match=r"math-verify took over 0.5s on gold=.*boxed\{1\}"):
+        verifier.math_verify("\\boxed{1}", "\\boxed{9^{9^{9^{9}}}}", timeout_s=0.5)
     assert math_reward("\\boxed{\\sqrt{4}}", "2") == 1.0
 
 
@@ -273,5 +255,5 @@ def test_gym_reward_uses_the_task_checker(gym_entries):
     # through score_batch with the trainer's sample layout
     samples = [{"answer": x["answer"], "gym_entry": x} for x in gym_entries[:2]]
     r, acc, failures = score_batch(lambda t, s: gym_reward(t, s["gym_entry"]),
-                                   [f"\\boxed{{{gym_entries[0]['answer']}}}", "\\boxed{-5}"], samples)
+                                   [f"\\boxed{{{gym_entries[0]['answer']}}}", "\\boxed{-5}"], samples, timeout_s=None)
     assert r == [1.0, -1.0] and acc == [1.0, 0.0] and failures == 0
