@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from trainer_fixtures import tiny_checkpoint, write_task
 
 from treepo.engine.loader import load_model
@@ -186,6 +185,7 @@ def test_a_finite_sum_overflow_is_not_mistaken_for_damage():
 
 def test_a_transformers_model_with_nan_weights_is_refused():
     from helpers import tiny_hf_model
+
     from treepo.engine.engine import Engine
 
     hf = tiny_hf_model("llama_mha_tied")

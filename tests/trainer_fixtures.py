@@ -1,8 +1,6 @@
 """A tiny random Llama with the real SmolLM2 tokenizer, and a trivially learnable reward."""
 import json
 
-import torch
-
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!+-*/=\\{}\n"
 
 
@@ -26,6 +24,7 @@ def char_tokenizer():
 
 def tiny_checkpoint(path: str, seed: int = 0) -> str:
     """Write a 2-layer random Llama over a character vocabulary, with its tokenizer, to path."""
+    import torch  # here, not at the top: reward workers import this module for even_token_reward
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = char_tokenizer()

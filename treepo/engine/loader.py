@@ -141,7 +141,9 @@ def check_finite(state: dict, raw: dict, files: dict[str, str], source: str) -> 
     k = bad[0]
     t, where = state[k], files.get(k, source)
     count = int((~torch.isfinite(t)).sum())
-    more = f"; {len(bad) - 1} more tensors too ({', '.join(bad[1:4])}{' ...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+    more = ""
+    if len(bad) > 1:
+        more = f"; {len(bad) - 1} more tensors too ({', '.join(bad[1:4])}{' ...' if len(bad) > 4 else ''})"
     if raw[k] is not t and bool(torch.isfinite(raw[k]).all()):
         big = raw[k].abs().max().item()
         raise ValueError(f"{where}: tensor {k} holds values up to {big:.3g}, beyond the range of {t.dtype} "

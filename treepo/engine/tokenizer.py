@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 

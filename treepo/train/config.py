@@ -53,7 +53,7 @@ class TrainConfig:
         "format_style": "simple", "allow_parentheses": False, "allow_negation": False, "whitespace": "single"})
     train_size: int = 5000  # problems generated for training
     train_jsonl: str | None = None  # JSONL {"question", "answer"} instead of the gym task
-    heldout_size: int = 64  # held-out problems of the training task (another seed) for evaluation
+    heldout_size: int = 64  # held-out problems for evaluation, questions never trained on (0 = none)
     eval_gsm8k: bool = True  # also evaluate on the 100 real GSM8K test problems (before and after)
     # sampling
     mode: str = "tree"  # "tree" (TreePO) | "sequential" (i.i.d. samples: the GRPO/DAPO baseline)

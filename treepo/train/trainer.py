@@ -74,6 +74,7 @@ class Trainer:
         self.out = cfg.output_dir
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
         self.plan = plan_run_on_rank0(cfg, self.rank)  # output dir and checkpoint, before any model loads
+        train, self.heldout = self._datasets()  # bad data or a held-out split that cannot work: before loading
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
         path = cfg.model or bundled_model_path()
@@ -93,7 +94,6 @@ class Trainer:
         eng_model = load_model(path, dtype=cfg.engine_dtype, device=self.device)
         self.engine = Engine(eng_model, self.tokenizer, device=self.device)
         self.sampler = TreeSampler(self.engine, cfg.tree_config())
-        train, self.heldout = self._datasets()
         self.stream = PromptStream(train, seed=cfg.seed)
         self.collector = RolloutCollector(self.sampler, self.tokenizer, self.scorer, self.stream, self.rank,
                                           self.world, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
@@ -302,9 +302,10 @@ class Trainer:
         evaluates its slice and the sums are all-reduced."""
         cfg = self.cfg
         res = {}
-        ev = evaluate(self.engine, self.heldout[self.rank::self.world], self.scorer, n=cfg.eval_n,
-                      temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens, seed=cfg.seed)
-        res.update(reduce_eval(ev, "heldout"))
+        if self.heldout:  # --heldout_size 0: no held-out evaluation
+            ev = evaluate(self.engine, self.heldout[self.rank::self.world], self.scorer, n=cfg.eval_n,
+                          temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens, seed=cfg.seed)
+            res.update(reduce_eval(ev, "heldout"))
         if cfg.eval_gsm8k and (final or self.step == 0):
             ev = evaluate(self.engine, gsm8k_test()[self.rank::self.world], self.scorer, n=1,
                           temperature=cfg.eval_temperature, max_tokens=cfg.gsm8k_max_tokens, seed=cfg.seed)
