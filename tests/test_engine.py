@@ -248,7 +248,7 @@ def assert_pool_restored(eng, free_list=None, where=None):
     assert eng.kv_usage().num_free == kv.num_pages and sum(kv.refcount) == 0, where
     assert sorted(kv._free) == list(range(kv.num_pages)), where
     if free_list is not None:
-        assert kv._free == free_list, where
+        assert list(kv._free) == free_list, where
 
 
 # two prompts, n=3 under max_num_seqs=4 (prompt 1's samples are parked, then forked) in a pool
@@ -300,7 +300,7 @@ def test_interrupted_generate_frees_every_page_anywhere(hf):
             eng.generate(INT_PROMPTS, INT_PARAMS)
         where.add(it.where.split(os.sep)[-1].split(":")[0])
         # as before the call - unless the interrupt came after all its work (pages freed in a new order)
-        done = eng.kv._free != free0
+        done = list(eng.kv._free) != free0
         assert_pool_restored(eng, None if done else free0, it.where)
     assert {"kv_cache.py", "scheduler.py", "engine.py"} <= where
     assert ids(eng.generate(INT_PROMPTS, INT_PARAMS)) == expect
@@ -320,7 +320,7 @@ def test_transaction_restores_the_pool_and_empties_its_sequences(hf):
             with eng.transaction():  # nested: its sequences are the outer block's on success
                 inner = eng.fork(kids[0], 2)
             raise RuntimeError("boom")
-    assert (eng.kv.refcount, eng.kv._free) == before
+    assert (list(eng.kv.refcount), list(eng.kv._free)) == before
     assert all(x.table == [] and x.num_cached == 0 for x in [s, *kids, *inner])
     assert keep.table and keep.num_cached == 5  # made before the block: untouched
     eng.free(keep)

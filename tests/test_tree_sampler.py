@@ -427,7 +427,7 @@ def test_interrupted_tree_sampling_frees_every_page(hf, monkeypatch):
         free0 = list(eng.kv._free)
         with pytest.raises(KeyboardInterrupt), Interrupt(k) as it:
             run()
-        done = eng.kv._free != free0  # interrupted after all its work: pages freed in a new order
+        done = list(eng.kv._free) != free0  # interrupted after all its work: pages freed in a new order
         assert_pool_restored(eng, None if done else free0, it.where)
     assert _leaves(run()) == expect
     assert eng.kv.num_used == 0

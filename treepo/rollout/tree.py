@@ -77,7 +77,8 @@ class TreeConfig:
             value = getattr(self, name)
             if value is None and name == "branch_temperature_end":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r}; it must be a finite number > 0"
                                  + (" or None (constant)" if name == "branch_temperature_end" else ""))
         if not isinstance(self.fallback, bool):
