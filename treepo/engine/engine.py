@@ -12,7 +12,7 @@ A call that raises - bad input found late, KVCacheExhausted, a KeyboardInterrupt
 prefill, forking or sampling - gives every page it took back: generate() and the tree sampler
 run inside `transaction()`, which restores the pool's accounting as it was when the call began
 (kv_cache.py says why step-by-step cleanup cannot be exact). The engine stays usable, and a
-later call gets the same pages and so the same results as on a fresh engine.
+later call returns what it would on a fresh engine.
 """
 from __future__ import annotations
 
@@ -247,13 +247,14 @@ class Engine:
         the accounting (O(num_pages)) per block; blocks may nest."""
         snap = self.kv.snapshot()
         made: list[Sequence] = []
+        depth = len(self._made)
         self._made.append(made)
         ok = False
         try:
             yield
             ok = True
         finally:
-            self._made.pop()
+            del self._made[depth:]
             if not ok:
                 self.kv.restore(snap)
                 for s in made:
