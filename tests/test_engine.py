@@ -1,4 +1,8 @@
-"""Engine behaviour: seeding, prefill-once forks, preemption, stops, bad input."""
+"""Engine behaviour: seeding, prefill-once forks, preemption, stops, bad input, interrupts,
+more samples than max_num_seqs."""
+import os
+import sys
+
 import pytest
 import torch
 from helpers import assert_close, tiny_hf_model
@@ -184,3 +188,174 @@ def test_engine_config_keywords_config_and_errors(hf):
                        (dict(packed_weights="yes"), "packed_weights='yes'")]:
         with pytest.raises(ValueError, match=match):
             EngineConfig(**bad)
+
+
+# ---------------------------------------------------------------------------- interrupts (issue 12, item 8)
+
+class Interrupt:
+    """Raise KeyboardInterrupt at the k-th bytecode run in the engine's and the sampler's
+    bookkeeping (an asynchronous Ctrl-C lands between any two bytecodes, so every k is a real
+    interrupt point); k=0 only counts them. `with Interrupt(k) as it: ...`; it.count after."""
+
+    FILES = tuple(os.path.join("treepo", *p.split("/")) for p in (
+        "engine/engine.py", "engine/scheduler.py", "engine/kv_cache.py", "engine/sequence.py",
+        "engine/runner.py", "engine/sampling.py", "rollout/"))
+
+    def __init__(self, k: int):
+        self.k, self.count, self.where = k, 0, None
+
+    def _local(self, frame, event, arg):
+        if event == "opcode":
+            self.count += 1
+            if self.count == self.k:
+                self.where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                raise KeyboardInterrupt(self.where)
+        return self._local
+
+    def _global(self, frame, event, arg):
+        if any(f in frame.f_code.co_filename for f in self.FILES):
+            frame.f_trace_opcodes = True
+            return self._local
+        return None
+
+    def __enter__(self):
+        self._old = sys.gettrace()
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc):
+        sys.settrace(self._old)
+
+
+def raise_on_call(monkeypatch, obj, name, k):
+    """Make obj.name raise KeyboardInterrupt on its k-th call (1-based); returns the call counter."""
+    real, calls = getattr(obj, name), [0]
+
+    def wrapper(*a, **kw):
+        calls[0] += 1
+        if calls[0] == k:
+            raise KeyboardInterrupt(f"{name} call {k}")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return calls
+
+
+def assert_pool_restored(eng, free_list=None, where=None):
+    """Every page free once (no page twice in the free list), all refcounts 0; with free_list,
+    the free list as before the interrupted call, order included."""
+    kv = eng.kv
+    assert eng.kv_usage().num_free == kv.num_pages and sum(kv.refcount) == 0, where
+    assert sorted(kv._free) == list(range(kv.num_pages)), where
+    if free_list is not None:
+        assert list(kv._free) == free_list, where
+
+
+# two prompts, n=3 under max_num_seqs=4 (prompt 1's samples are parked, then forked) in a pool
+# small enough to preempt: prefill, forks, parking, decode, preemption and finishing all run
+INTERRUPTED = dict(num_pages=12, max_num_seqs=4)
+INT_PROMPTS = [[5, 9, 33, 7, 100], list(range(10, 27))]
+INT_PARAMS = SamplingParams(n=3, max_tokens=6, seed=1, ignore_eos=True)
+
+
+def spread(n: int, m: int) -> list[int]:
+    """About m points of 1..n, evenly spread, first and last included."""
+    return sorted({1 + (n - 1) * i // max(m - 1, 1) for i in range(m)}) if n else []
+
+
+def test_interrupted_generate_frees_every_page_call_points(hf, monkeypatch):
+    """A KeyboardInterrupt in the k-th forward (prefill / decode), fork, page growth or sampling
+    call: every page back, the engine usable, and a rerun gives a fresh engine's tokens."""
+    fresh = make(hf, **INTERRUPTED)
+    expect = ids(fresh.generate(INT_PROMPTS, INT_PARAMS))
+    eng = make(hf, **INTERRUPTED)
+    import treepo.engine.engine as engine_mod
+    for obj, name in [(eng.runner, "forward"), (eng.kv, "fork"), (eng.kv, "grow"), (engine_mod, "sample")]:
+        with monkeypatch.context() as m:
+            calls = raise_on_call(m, obj, name, 0)
+            eng.generate(INT_PROMPTS, INT_PARAMS)
+        assert calls[0] >= 3, name
+        for k in spread(calls[0], 4):
+            free0 = list(eng.kv._free)
+            with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt, match=f"{name} call {k}"):
+                raise_on_call(m, obj, name, k)
+                eng.generate(INT_PROMPTS, INT_PARAMS)
+            assert_pool_restored(eng, free0)
+        assert ids(eng.generate(INT_PROMPTS, INT_PARAMS)) == expect, name
+        assert eng.kv.num_used == 0
+    assert fresh.stats.preemptions > 0  # the case really parks and preempts
+
+
+def test_interrupted_generate_frees_every_page_anywhere(hf):
+    """A KeyboardInterrupt at evenly spread bytecodes of generate()'s bookkeeping (mid-allocation,
+    mid-fork, mid-free, mid-postprocess...): the same guarantees at every one."""
+    eng = make(hf, **INTERRUPTED)
+    expect = ids(eng.generate(INT_PROMPTS, INT_PARAMS))  # every page touched: counts repeat
+    with Interrupt(0) as it:
+        eng.generate(INT_PROMPTS, INT_PARAMS)
+    where = set()
+    for k in spread(it.count - 1, 20):
+        free0 = list(eng.kv._free)
+        with pytest.raises(KeyboardInterrupt), Interrupt(k) as it:
+            eng.generate(INT_PROMPTS, INT_PARAMS)
+        where.add(it.where.split(os.sep)[-1].split(":")[0])
+        # as before the call - unless the interrupt came after all its work (pages freed in a new order)
+        done = list(eng.kv._free) != free0
+        assert_pool_restored(eng, None if done else free0, it.where)
+    assert {"kv_cache.py", "scheduler.py", "engine.py"} <= where
+    assert ids(eng.generate(INT_PROMPTS, INT_PARAMS)) == expect
+    assert eng.kv.num_used == 0
+
+
+def test_transaction_restores_the_pool_and_empties_its_sequences(hf):
+    eng = make(hf)
+    keep = eng.new_sequence([3, 4, 5, 6, 7])
+    eng.forward([keep])
+    before = (list(eng.kv.refcount), list(eng.kv._free))
+    with pytest.raises(RuntimeError, match="boom"):
+        with eng.transaction():
+            s = eng.new_sequence(list(range(3, 14)))
+            eng.forward([s])
+            kids = eng.fork(s, 3)
+            with eng.transaction():  # nested: its sequences are the outer block's on success
+                inner = eng.fork(kids[0], 2)
+            raise RuntimeError("boom")
+    assert (list(eng.kv.refcount), list(eng.kv._free)) == before
+    assert all(x.table == [] and x.num_cached == 0 for x in [s, *kids, *inner])
+    assert keep.table and keep.num_cached == 5  # made before the block: untouched
+    eng.free(keep)
+    assert eng.kv.num_used == 0
+
+
+# ---------------------------------------------------------------------------- n > max_num_seqs (item 9)
+
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 5])
+def test_more_samples_than_max_num_seqs_are_scheduled_in_turn(hf, max_num_seqs):
+    """n above max_num_seqs: the prompt is prefilled once, parked, and its samples forked as slots
+    free up; seeded results are those of an unconstrained run, and no step runs more than
+    max_num_seqs sequences."""
+    p = SamplingParams(n=7, max_tokens=9, seed=4, temperature=1.0, top_k=40)
+    expect = ids(make(hf).generate(PROMPTS, p))
+    eng = make(hf, max_num_seqs=max_num_seqs)
+    widths = []
+    real = eng.sample_into
+    eng.sample_into = lambda seqs, *a: (widths.append(len(seqs)), real(seqs, *a))[1]
+    assert ids(eng.generate(PROMPTS, p)) == expect
+    assert max(widths) == max_num_seqs
+    assert eng.stats.prefill_tokens == sum(len(q) for q in PROMPTS)  # each prompt once
+    assert eng.kv.num_used == 0
+
+
+def test_more_samples_than_max_num_seqs_under_page_pressure(hf):
+    """Parking, preemption (parked prompts first) and a pool too small for a fork beside its
+    parked prompt (samples then start one at a time, the prompt prefilled again): same tokens."""
+    p = SamplingParams(n=6, max_tokens=12, seed=2, ignore_eos=True)
+    expect = ids(make(hf).generate(PROMPTS, p))
+    eng = make(hf, num_pages=16, max_num_seqs=4)
+    assert ids(eng.generate(PROMPTS, p)) == expect
+    assert eng.stats.preemptions > 0 and eng.kv.num_used == 0
+    # 11 prompt tokens = 3 pages; a fork beside the parked prompt would need 3 + 2 > 4 pages
+    q, p = [list(range(40, 51))], SamplingParams(n=3, max_tokens=4, seed=9, ignore_eos=True)
+    tiny = make(hf, num_pages=4)
+    assert ids(tiny.generate(q, p)) == ids(make(hf).generate(q, p))
+    assert tiny.stats.prefill_tokens == 3 * 11 and tiny.kv.num_used == 0

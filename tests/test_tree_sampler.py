@@ -382,3 +382,91 @@ def test_outline_and_html_picture(hf, tmp_path):
     page = trees_html(trees, rewards=[[1.0, -1.0, 1.0, -1.0]] * 2)
     assert page.count("<svg") == 2 and page.count("<circle") == sum(len(t.nodes) for t in trees)
     assert "reward -1" in page and page.rstrip().endswith("</html>")
+
+
+# ---------------------------------------------------------------------------- interrupts (issue 12, item 8)
+
+def _leaves(trees):
+    return [[(x.token_ids, x.path, x.finish_reason, x.from_fallback) for x in t.leaves] for t in trees]
+
+
+INT_CFG = TreeConfig(segment_len=2, max_depth=3, max_width=4, branch_factor=2, rep_count=0)
+INT_TREE_PROMPTS = [PROMPTS[0], PROMPTS[2]]  # page bounds 20 + 40 > 48 pages: two waves
+
+
+def _interrupt_engine(hf):
+    return engine(hf, eos=range(1, 60), num_pages=48)
+
+
+def test_interrupted_tree_sampling_frees_every_page(hf, monkeypatch):
+    """A KeyboardInterrupt in the k-th forward, fork or sampling call of TreeSampler.sample, or at
+    spread bytecodes of its bookkeeping (prefill, forks, decode, fallback, leaves freed, waves):
+    every page back, and a rerun on the same engine gives a fresh engine's trees."""
+    from test_engine import Interrupt, assert_pool_restored, raise_on_call, spread
+
+    fresh = _interrupt_engine(hf)
+    trees = TreeSampler(fresh, INT_CFG).sample(INT_TREE_PROMPTS, SamplingParams(seed=2))
+    assert sum(t.stats.fallbacks for t in trees) > 0
+    expect = _leaves(trees)
+    eng = _interrupt_engine(hf)
+    sampler = TreeSampler(eng, INT_CFG)
+    run = lambda: sampler.sample(INT_TREE_PROMPTS, SamplingParams(seed=2))  # noqa: E731
+    for name in ("forward", "fork", "sample_into"):
+        with monkeypatch.context() as m:
+            calls = raise_on_call(m, eng, name, 0)
+            run()
+        for k in spread(calls[0], 3):
+            free0 = list(eng.kv._free)
+            with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt, match=f"{name} call {k}"):
+                raise_on_call(m, eng, name, k)
+                run()
+            assert_pool_restored(eng, free0)
+    with Interrupt(0) as it:
+        run()
+    for k in spread(it.count - 1, 16):
+        free0 = list(eng.kv._free)
+        with pytest.raises(KeyboardInterrupt), Interrupt(k) as it:
+            run()
+        done = list(eng.kv._free) != free0  # interrupted after all its work: pages freed in a new order
+        assert_pool_restored(eng, None if done else free0, it.where)
+    assert _leaves(run()) == expect
+    assert eng.kv.num_used == 0
+
+
+# ---------------------------------------------------------------------------- TreeConfig validation (item 10)
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(segment_len=4.0), r"segment_len=4.0 \(float\); it must be an int >= 1"),
+    (dict(max_width="4"), r"max_width='4' \(str\); it must be an int >= 1"),
+    (dict(seed=None), r"seed=None \(NoneType\); it must be an int"),
+    (dict(seed=1.5), r"seed=1.5 \(float\)"),
+    (dict(branch_factor=True), r"branch_factor=True \(bool\)"),
+    (dict(max_depth=0), r"max_depth=0; it must be >= 1"),
+    (dict(max_response_len=8.5), r"max_response_len=8.5 \(float\)"),
+    (dict(max_response_len=0), r"max_response_len=0; it must be >= 1"),
+    (dict(rep_count=-1), r"rep_count=-1; it must be >= 0"),
+    (dict(rep_window="32"), r"rep_window='32'"),
+    (dict(init_min=3, init_max=2), r"init_min=3 > init_max=2"),
+    (dict(init_min=0), r"init_min=0; it must be >= 1"),
+    (dict(branch_temperature=0), r"branch_temperature=0; it must be a finite number > 0"),
+    (dict(branch_temperature="2"), r"branch_temperature='2'"),
+    (dict(branch_temperature_end=float("nan")), r"branch_temperature_end=nan; .* or None"),
+    (dict(schedule_steps=2.0), r"schedule_steps=2.0 \(float\)"),
+    (dict(fallback="yes"), r"fallback='yes'; it must be True or False"),
+    (dict(stop_policy=["eos"]), r"stop_policy=\['eos'\]; valid: boxed_and_eos, boxed, eos"),
+])
+def test_tree_config_validates_types_and_ranges(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TreeConfig(**bad)
+
+
+def test_branch_factor_above_max_width_caps(hf):
+    """b >= W is "as wide as the budget allows": exactly the trees of b = W (documented on
+    TreeConfig); the sequential preset is the b = W case."""
+    eng = engine(hf, eos=range(1, 40))
+    kw = dict(segment_len=3, max_depth=3, max_width=3, rep_count=0, seed=2)
+    wide = TreeSampler(eng, TreeConfig(**kw, branch_factor=7)).sample(PROMPTS, SamplingParams(seed=2))
+    capped = TreeSampler(eng, TreeConfig(**kw, branch_factor=3)).sample(PROMPTS, SamplingParams(seed=2))
+    assert _leaves(wide) == _leaves(capped)
+    assert all(len(t.leaves) == 3 and len(t.nodes[0].children) <= 3 for t in wide)
+    assert TreeConfig.sequential(5, 16).branch_factor == 5

@@ -205,7 +205,8 @@ class EngineConfig:
     page_size: int = 16
     """Tokens per KV page."""
     max_num_seqs: int = 256
-    """Most sequences in one generate() step (each of a prompt's n samples counts)."""
+    """Most sequences in one generate() step (each of a prompt's n samples counts; n may exceed
+    it: the samples then start in turn, forked from the prompt's prefill as slots free up)."""
     max_num_batched_tokens: int = 8192
     """Most tokens in one generate() step once something runs (a lone prompt may exceed it)."""
     max_model_len: int | None = None

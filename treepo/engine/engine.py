@@ -2,14 +2,22 @@
 
 Settings are an EngineConfig (config.py). `generate` prefills each prompt once, forks it n ways
 (shared prompt pages) and decodes every running sequence of every prompt in one batched forward
-per step; the Scheduler (scheduler.py) decides what runs each step and preempts the newest
-sequences when the page pool runs short (pages freed, recomputed later), so nothing is lost. The
-lower-level API (new_sequence / fork / forward / sample_into / free, with stop_token_ids,
-counters, kv_usage and reset_peak_kv) is what the TreePO tree sampler drives.
+per step; the Scheduler (scheduler.py) decides what runs each step (a prompt's samples beyond
+max_num_seqs are forked from it as slots free up) and preempts the newest sequences when the page
+pool runs short (pages freed, recomputed later), so nothing is lost. The lower-level API
+(new_sequence / fork / forward / sample_into / free, with stop_token_ids, counters, kv_usage and
+reset_peak_kv) is what the TreePO tree sampler drives.
+
+A call that raises - bad input found late, KVCacheExhausted, a KeyboardInterrupt anywhere in
+prefill, forking or sampling - gives every page it took back: generate() and the tree sampler
+run inside `transaction()`, which restores the pool's accounting as it was when the call began
+(kv_cache.py says why step-by-step cleanup cannot be exact). The engine stays usable, and a
+later call returns what it would on a fresh engine.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +90,7 @@ class Engine:
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.stats = EngineStats(kv_pages_total=self.kv.num_pages)
+        self._made: list[list[Sequence]] = []  # sequences made in each open transaction()
 
     # ------------------------------------------------------------------ construction
     def _make_kv_cache(self, ecfg: EngineConfig) -> PagedKVCache:
@@ -160,7 +169,12 @@ class Engine:
 
     # ------------------------------------------------------------------ low-level API
     def new_sequence(self, prompt_ids, tag=None) -> Sequence:
-        return Sequence(self.check_prompt(prompt_ids), tag=tag)
+        return self._track(Sequence(self.check_prompt(prompt_ids), tag=tag))
+
+    def _track(self, seq: Sequence) -> Sequence:
+        if self._made:
+            self._made[-1].append(seq)
+        return seq
 
     def fork(self, seq: Sequence, n: int, num_tokens: int | None = None) -> list[Sequence]:
         """n new sequences continuing `seq`: its cached KV is shared, pending tokens are copied.
@@ -182,7 +196,7 @@ class Engine:
             c.num_cached, c.table = cached, t
             n_out = len(tokens) - c.num_prompt
             c.logprobs, c.model_logprobs = seq.logprobs[:n_out], seq.model_logprobs[:n_out]
-            children.append(c)
+            children.append(self._track(c))
         return children
 
     def reserve(self, seqs: list[Sequence]) -> None:
@@ -223,6 +237,31 @@ class Engine:
         self.kv.free(seq.table)
         seq.num_cached = 0
 
+    @contextmanager
+    def transaction(self):
+        """All or nothing for the page pool: if the block raises (a KeyboardInterrupt included,
+        wherever it lands), every page taken inside is free again - the pool's accounting is
+        restored as it was at entry, free list order included - and the sequences that
+        new_sequence / fork made inside are emptied (no pages, nothing cached). Sequences made
+        before the block must not be grown, forked into or freed inside it. Costs one copy of
+        the accounting (O(num_pages)) per block; blocks may nest."""
+        snap = self.kv.snapshot()
+        made: list[Sequence] = []
+        depth = len(self._made)
+        self._made.append(made)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            del self._made[depth:]
+            if not ok:
+                self.kv.restore(snap)
+                for s in made:
+                    s.table, s.num_cached = [], 0
+            elif self._made:
+                self._made[-1] += made
+
     # ------------------------------------------------------------------ accounting
     def counters(self) -> dict[str, int]:
         """A snapshot of the work done since the engine was made: prefill_tokens, decode_tokens,
@@ -257,37 +296,47 @@ class Engine:
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         t0 = time.perf_counter()
         try:
-            while not sched.done:
-                step = sched.schedule()
-                logits = self.forward(step.seqs)
-                seqs, logits = self._fork_new_prompts(step, logits, params.n)
-                tokens = self.sample_into(seqs, logits, params, [s.tag for s in seqs])
-                for s in sched.postprocess(seqs, tokens):
-                    self.free(s)
-                    results[s.tag.prompt][s.tag.sample] = self._completion(s, params)
+            with self.transaction():  # an error or interrupt anywhere: every page comes back
+                while not sched.done:
+                    step = sched.schedule()
+                    logits = self.forward(step.seqs) if step.seqs else None
+                    seqs, logits = self._start_samples(step, logits)
+                    tokens = self.sample_into(seqs, logits, params, [s.tag for s in seqs])
+                    for s in sched.postprocess(seqs, tokens):
+                        self.free(s)
+                        results[s.tag.prompt][s.tag.sample] = self._completion(s, params)
         finally:
-            for s in sched.unfinished():
-                self.free(s)
             self.stats.preemptions += sched.num_preemptions
             self.stats.wall_time += time.perf_counter() - t0
             self.sync_counters()
         return results
 
-    def _fork_new_prompts(self, step: Step, logits: torch.Tensor, n: int) -> tuple[list[Sequence], torch.Tensor]:
-        """Each new prompt of the step, just prefilled, forks into its n samples (sharing its
-        pages; they all sample from its logits row). Returns the sequences and their logits rows."""
-        rows, seqs = [], []
-        for r, s in enumerate(step.seqs):
-            group = [s]
-            if s.seq_id in step.new_prompts and n > 1:
-                group += self.fork(s, n - 1)
-                for j, c in enumerate(group):
-                    c.tag = SampleId(s.tag.prompt, j)
-            rows += [r] * len(group)
-            seqs += group
-        if len(rows) != len(step.seqs):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        return seqs, logits
+    def _start_samples(self, step: Step, logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor]:
+        """The sequences to sample this step and their logits rows: every forwarded sequence but
+        the prompts just prefilled, then the samples of each fork (sharing their prompt's pages),
+        which all draw their first token from their prompt's row - this forward's, or the one
+        kept since it was prefilled (so a sample started late draws from the same logits)."""
+        if not step.forks:
+            return step.seqs, logits
+        prefilled = {f.group.seq.seq_id for f in step.forks if f.group.row is None}
+        where = {s.seq_id: r for r, s in enumerate(step.seqs)}
+        keep = [r for r, s in enumerate(step.seqs) if s.seq_id not in prefilled]
+        seqs = [step.seqs[r] for r in keep]
+        rows = [logits[torch.tensor(keep, device=logits.device)]] if keep else []
+        for f in step.forks:
+            g = f.group
+            row = g.row if g.row is not None else logits[where[g.seq.seq_id]]
+            samples = self.fork(g.seq, f.count - f.last)
+            if f.last:  # the prompt's own sequence is its last sample to start
+                samples.insert(0, g.seq)
+                g.row = None
+            elif g.row is None:
+                g.row = row.clone()  # parked: later forks draw from it
+            for j, c in enumerate(samples):
+                c.tag = SampleId(g.seq.tag.prompt, f.first + j)
+            seqs += samples
+            rows.append(row.expand(len(samples), -1))
+        return seqs, torch.cat(rows)
 
     def _completion(self, s: Sequence, params: SamplingParams) -> Completion:
         out = s.output_ids

@@ -9,8 +9,16 @@ how the n samples of a prompt and the branches of a TreePO tree share their pref
 
 Running out of pages raises KVCacheExhausted before anything is changed; the engine's scheduler
 catches it to preempt, and reports it clearly when even one sequence cannot fit.
+
+The bookkeeping (refcounts, free list) is plain Python, so an asynchronous exception - a
+KeyboardInterrupt lands between any two bytecodes - can stop an operation half-way (pages popped
+from the free list but in no table yet, shared refcounts raised for children never returned).
+`snapshot()` / `restore()` make a whole call all-or-nothing instead: the engine snapshots the
+accounting when a generate() or tree-sampling call starts and restores it if the call raises.
 """
 from __future__ import annotations
+
+from array import array
 
 import torch
 
@@ -44,8 +52,10 @@ class PagedKVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self._touched = [False] * num_pages
-        self.refcount = [0] * num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        # int arrays, not lists: snapshot() / restore() are then one memcpy each (a 500k-page
+        # list copy increfs every element: ~10x slower)
+        self.refcount = array("i", [0]) * num_pages
+        self._free = array("i", range(num_pages - 1, -1, -1))  # a stack: low ids handed out first
         self.peak_used = 0
 
     @classmethod
@@ -73,12 +83,24 @@ class PagedKVCache:
     def reset_peak(self):
         self.peak_used = self.num_used
 
+    def snapshot(self) -> tuple:
+        """The page accounting now (refcounts and free list: two O(num_pages) copies), for restore()."""
+        return self.refcount[:], self._free[:]
+
+    def restore(self, snap: tuple) -> None:
+        """Put the accounting back as snapshot() saw it: every page taken since is free again and
+        the free list is in the same order (so a rerun gets the same page ids). Tables made since
+        are stale; the caller drops them. Page contents are left as they are (finite values)."""
+        refcount, free = snap
+        try:
+            self.refcount[:] = refcount  # one C-level copy each: no half-restored list
+        finally:
+            self._free[:] = free
+
     def _allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise KVCacheExhausted(n, len(self._free), self.num_pages)
-        pages = [self._free.pop() for _ in range(n)]
-        for p in pages:
-            self.refcount[p] = 1
+        pages = list(self._free[:-n - 1:-1])  # what n pop()s would give; taken once they are zeroed
         fresh = [p for p in pages if not self._touched[p]]
         if fresh:
             idx = torch.tensor(fresh, device=self.k.device)
@@ -86,6 +108,9 @@ class PagedKVCache:
             self.v[:, idx] = 0
             for p in fresh:
                 self._touched[p] = True
+        del self._free[len(self._free) - n:]
+        for p in pages:
+            self.refcount[p] = 1
         self.peak_used = max(self.peak_used, self.num_used)
         return pages
 
@@ -119,22 +144,26 @@ class PagedKVCache:
         if self.pages_for(num_tokens) > len(table):
             raise ValueError(f"fork of {num_tokens} tokens from a table of {len(table)} pages")
         tails = self._allocate(n) if partial else []
-        shared = table[:full]
-        for p in shared:
-            self.refcount[p] += n
         if partial:
             src = torch.tensor([table[full]] * n, device=self.k.device)
             dst = torch.tensor(tails, device=self.k.device)
             # copy only the filled slots; the rest of the tail page is dead space
             self.k[:, dst, :, :partial] = self.k[:, src, :, :partial]
             self.v[:, dst, :, :partial] = self.v[:, src, :, :partial]
+        shared = table[:full]
+        for p in shared:
+            self.refcount[p] += n
+        if partial:
             return [shared + [t] for t in tails]
         return [list(shared) for _ in range(n)]
 
     def free(self, table: list[int]) -> None:
-        """Drop a sequence's references; pages nobody else holds become free. Empties `table`."""
-        self._release(table)
+        """Drop a sequence's references; pages nobody else holds become free. Empties `table`
+        first, so an interrupted free can leak pages (restore() takes them back) but never
+        releases one twice."""
+        pages = table[:]
         table.clear()
+        self._release(pages)
 
     def is_writable(self, table: list[int], start: int, end: int) -> bool:
         """True if the pages holding tokens [start, end) are owned by this table alone."""

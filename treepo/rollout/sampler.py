@@ -14,6 +14,8 @@ docs/algorithm.md section 1 ("Tree sampling"), level-synchronous over all prompt
 A child is a fork *after* its parent's next-token forward: the children share every KV page of
 the parent (the tail page copied) and draw different first tokens from the same logits row.
 Finished leaves keep their pages until their prompt's tree is complete (fallback needs them).
+A call that raises (a KeyboardInterrupt included) frees every page it took: it runs inside the
+engine's transaction(), which restores the page pool as it was when the call began.
 The sampler drives the engine's public low-level API (new_sequence, fork, forward, sample_into,
 free) and reads its accounting (counters, kv_usage) for the tree stats.
 """
@@ -109,15 +111,16 @@ class TreeSampler:
         if per_prompt and max(per_prompt) > usage.num_pages:
             raise KVCacheExhausted(max(per_prompt), usage.num_free, usage.num_pages)
         todo = list(range(len(prompts)))
-        try:
+        # an error or a KeyboardInterrupt anywhere (prefill, fork, decode, fallback) gives every
+        # page of the call back: the engine restores its pool as it was here (engine.transaction)
+        with eng.transaction():
             while todo:
                 wave, budget = [], eng.kv_usage().num_free
                 while todo and (not wave or per_prompt[todo[0]] <= budget):
                     budget -= per_prompt[todo[0]]
                     wave.append(todo.pop(0))
                 self._run_wave([states[i] for i in wave], wave, params)
-        finally:
-            for st in states:
+            for st in states:  # each tree freed itself when complete; nothing should be left
                 self._free_tree(st)
         wall = time.perf_counter() - t0
         fwd = eng.counters()["forward_passes"] - counters0["forward_passes"]

@@ -28,7 +28,7 @@ class TreeConfig:
     segment_len: int = 64  # l: tokens per segment (node)
     max_depth: int = 4  # d: segments per path at most
     max_width: int = 16  # W: leaves (trajectories) per prompt
-    branch_factor: int = 2  # b: children per node
+    branch_factor: int = 2  # b: children per node; b >= W gives exactly the trees of b = W (see below)
     max_response_len: int | None = None  # response token cap; None = l * d
     init_divergence: str = "fixed"  # "fixed": root gets b children; "random": uniform in [init_min, init_max]
     init_min: int = 2
@@ -46,34 +46,43 @@ class TreeConfig:
     schedule_steps: int = 1  # steps over which the schedule goes from T to T_end
     fallback: bool = True  # depth-first fallback when a prompt runs out of active paths early
     fallback_candidates: str = "answered"  # FALLBACK_CANDIDATES: "answered" (answer / eos leaves) | "any"
-    seed: int = 0  # branching / fallback randomness and per-path sampling streams
+    seed: int = 0  # branching / fallback randomness and per-path sampling streams (always seeded)
+
+    # Widths are caps, not errors: W bounds the leaves, so no node ever gets more than the W - F
+    # leaves still to come (children_budget, fallback_children) and the root gets min(b0, W). A
+    # branch_factor >= W therefore means "as wide as the budget allows" and gives exactly the trees
+    # of branch_factor = W (TreeConfig.sequential uses b = W); init_min / init_max > W likewise.
 
     def __post_init__(self):
-        for name in ("segment_len", "max_depth", "max_width", "branch_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("segment_len", "max_depth", "max_width", "branch_factor", "init_min", "init_max",
+                     "rep_window", "schedule_steps"):
+            _check_int(self, name, low=1)
+        _check_int(self, "rep_count", low=0)
+        _check_int(self, "seed", low=None)
         if self.max_response_len is None:
             self.max_response_len = self.segment_len * self.max_depth
-        if self.max_response_len < 1:
-            raise ValueError(f"max_response_len={self.max_response_len} must be >= 1")
+        _check_int(self, "max_response_len", low=1)
         choices = {"init_divergence": ("fixed", "random"), "stop_policy": ("boxed_and_eos", "boxed", "eos"),
                    "repetition_priority": ("first", "last"), "branch_policy": ("uniform", "logprob"),
                    "logprob_statistic": ("segment_mean", "path_mean", "path_sum"), "prefer": ("low", "high"),
                    "branch_temperature_schedule": ("constant", "linear", "cosine"),
                    "fallback_candidates": tuple(FALLBACK_CANDIDATES)}
         for name, ok in choices.items():
-            if getattr(self, name) not in ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}; valid: {', '.join(ok)}")
-        if not 1 <= self.init_min <= self.init_max:
-            raise ValueError(f"need 1 <= init_min ({self.init_min}) <= init_max ({self.init_max})")
-        if self.rep_window < 1 or self.rep_count < 0:
-            raise ValueError(f"rep_window={self.rep_window} must be >= 1 and rep_count={self.rep_count} >= 0")
-        end = self.branch_temperature_end
-        if not self.branch_temperature > 0 or (end is not None and not end > 0):
-            raise ValueError(f"branch_temperature={self.branch_temperature} and branch_temperature_end={end} "
-                             "must be > 0 (the end may be None)")
-        if self.schedule_steps < 1:
-            raise ValueError(f"schedule_steps={self.schedule_steps} must be >= 1")
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in ok:
+                raise ValueError(f"{name}={value!r}; valid: {', '.join(ok)}")
+        if self.init_min > self.init_max:
+            raise ValueError(f"init_min={self.init_min} > init_max={self.init_max}; need 1 <= init_min <= init_max")
+        for name in ("branch_temperature", "branch_temperature_end"):
+            value = getattr(self, name)
+            if value is None and name == "branch_temperature_end":
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r}; it must be a finite number > 0"
+                                 + (" or None (constant)" if name == "branch_temperature_end" else ""))
+        if not isinstance(self.fallback, bool):
+            raise ValueError(f"fallback={self.fallback!r}; it must be True or False")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -163,6 +172,16 @@ class Tree:
 
     def node_at_depth(self, leaf: Leaf, depth: int) -> int:
         return 0 if depth == 0 else leaf.path[depth - 1]
+
+
+def _check_int(cfg, name: str, low: int | None):
+    """An int field (not a bool, not a float or a numeric string) >= low; the error names it."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} ({type(value).__name__}); it must be an int"
+                         + (f" >= {low}" if low is not None else ""))
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value}; it must be >= {low}")
 
 
 # ---------------------------------------------------------------------------- training tensors
