@@ -228,3 +228,48 @@ def test_a_fresh_run_does_not_touch_an_earlier_run(tiny, tmp_path):
     res = run(flags("/no/such/model", tiny[1], str(out), overwrite=True), rc=2)
     _one_line_error(res, "/no/such/model")
     assert sorted(str(p) for p in out.rglob("*")) == before
+
+
+def test_a_run_killed_mid_reward_resumes_to_the_uninterrupted_metrics(tiny, straight, tmp_path):
+    """SIGKILL the trainer while its reward worker spins inside step 2's scoring: the worker dies
+    with it, and a resume from step 1's checkpoint ends with the uninterrupted run's metrics."""
+    import signal
+    import time
+
+    out, hang = str(tmp_path / "run"), str(tmp_path / "hang")
+    # 4 held-out calls at step 0, 16 per step (4 prompts x 4 leaves): call 25 is mid step 2
+    kw = dict(steps=3, save_every=1, reward_fn="trainer_fixtures:even_token_reward_hanging")
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               TREEPO_TEST_HANG_FILE=hang, TREEPO_TEST_HANG_AT="25")
+    proc = subprocess.Popen([sys.executable, "-m", "treepo.train", *flags(*tiny, out, **kw)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(hang):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the reward function never reached its hanging call"
+            time.sleep(0.2)
+        worker = int(open(hang).read())
+        assert os.path.exists(os.path.join(out, "checkpoints", "step_000001"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for _ in range(100):  # the spinning worker dies with its parent
+        if not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"reward worker {worker} outlived its SIGKILLed trainer")
+    assert [r["step"] for r in metrics(out) if "actor/pg_loss" in r] == [1]
+    run(flags(*tiny, out, **(kw | {"reward_fn": "trainer_fixtures:even_token_reward"}), resume=True))
+    recs = [r for r in metrics(out) if "resumed_from" not in r]
+    ref = metrics(straight)
+    assert [r["step"] for r in recs] == [r["step"] for r in ref]
+    for a, b in zip(ref, recs):
+        assert sorted(a) == sorted(b)
+        for k, v in a.items():
+            if not k.startswith(("timing/", "perf/")):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (a["step"], k)

@@ -49,3 +49,22 @@ def even_token_reward(text, sample):
     """In [-1, 1]: how much more often the response uses even token ids than odd ones."""
     ids = sample["response_ids"]
     return 2.0 * sum(t % 2 == 0 for t in ids) / max(len(ids), 1) - 1.0
+
+
+def even_token_reward_hanging(text, sample):
+    """even_token_reward, except that call number $TREEPO_TEST_HANG_AT (counted in the file
+    $TREEPO_TEST_HANG_FILE + ".count") writes its worker's pid to $TREEPO_TEST_HANG_FILE and
+    then spins forever: a reward function stuck in a CPU loop, for the kill-mid-reward test."""
+    import os
+
+    path = os.environ.get("TREEPO_TEST_HANG_FILE")
+    if path:
+        with open(path + ".count", "a") as f:
+            f.write(".")
+        if os.path.getsize(path + ".count") == int(os.environ["TREEPO_TEST_HANG_AT"]):
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+            while True:
+                pass
+    return even_token_reward(text, sample)
