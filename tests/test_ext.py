@@ -95,6 +95,15 @@ def test_jit_builds_the_package_sources_with_setup_flags_into_a_keyed_cache_once
     assert st2.kind == "jit" and not st2.built_now and len(build.calls) == 1
     assert fresh == [str(out / "treepo_kernels_C.so")] and capsys.readouterr().err == ""
 
+    def damaged(path):
+        raise OSError(f"{path}: invalid ELF header")
+
+    restart(monkeypatch)  # a damaged cache entry is reported, not rebuilt behind the user's back
+    monkeypatch.setattr(torch.ops, "load_library", damaged)
+    st3 = ext.load()
+    assert st3.kind == "failed" and "invalid ELF header" in st3.why and f"delete {out} to rebuild" in st3.why
+    assert len(build.calls) == 1
+
 
 def test_cache_key_changes_with_sources_flags_and_torch(tmp_path, monkeypatch):
     src = tmp_path / "csrc"

@@ -182,8 +182,6 @@ def _prebuilt() -> str:
 
 
 def _jit(prebuilt_error: str) -> ExtState:
-    import torch
-
     src = source_dir()
     if src is None:
         here = Path(__file__).resolve().parent
@@ -193,6 +191,8 @@ def _jit(prebuilt_error: str) -> ExtState:
     key, inputs = cache_key(src, cflags, ldflags)
     out = cache_root() / key
     lib, done, failed = out / f"{NAME}.so", out / "done.json", out / "failed.txt"
+    if done.is_file():  # built before: no lock needed (a read-only shared cache works too)
+        return _load_cached(lib, out)
     out.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache_root() / f"{key}.lock"):
         if not done.is_file() and not failed.is_file():  # nobody built it yet: we do
@@ -205,8 +205,8 @@ def _jit(prebuilt_error: str) -> ExtState:
                 from torch.utils import cpp_extension
 
                 with _ninja_on_path():
-                    cpp_extension.load(NAME, [str(src / f) for f in SOURCES], extra_cflags=cflags,
-                                       extra_ldflags=ldflags, build_directory=str(out), with_cuda=False,
+                    cpp_extension.load(NAME, [str(src / f) for f in SOURCES], extra_cflags=list(cflags),
+                                       extra_ldflags=list(ldflags), build_directory=str(out), with_cuda=False,
                                        is_python_module=False, verbose=False)
             except Exception as e:
                 failed.write_text(f"{type(e).__name__}: {e}\n")
@@ -220,6 +220,12 @@ def _jit(prebuilt_error: str) -> ExtState:
         text = failed.read_text()
         return ExtState("failed", str(out), f"an earlier build failed ({_one_line(text)}); full log {failed} "
                                             "(delete it to retry)")
+    return _load_cached(lib, out)  # another process built it while we waited
+
+
+def _load_cached(lib: Path, out: Path) -> ExtState:
+    import torch
+
     try:
         torch.ops.load_library(str(lib))
     except Exception as e:  # the cache entry was damaged: say so, do not rebuild behind the user's back
@@ -252,7 +258,7 @@ def _resolve() -> ExtState:
         prebuilt_error = f"{type(e).__name__}: {e}"
         if getattr(e, "name", None) != "treepo_kernels._C":  # a _C that is there but does not load
             _notice(f"treepo: the prebuilt treepo_kernels._C does not load ({_one_line(prebuilt_error)}); "
-                    "building one for this torch")
+                    "using a just-in-time build")
     try:
         return _jit(prebuilt_error)
     except Exception as e:  # e.g. an unwritable cache dir: still never a crash
