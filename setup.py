@@ -1,25 +1,51 @@
 """Package set-up. The C++ CPU kernels in csrc/ are built as a torch extension
-(`treepo_kernels._C`, ops under torch.ops.treepo) where torch and a C++ compiler are available.
-If that build is impossible the install still succeeds and the engine falls back to the
-plain-PyTorch attention (`treepo info` says which backends are available).
+(`treepo_kernels._C`, ops under torch.ops.treepo) when torch is importable at build time, i.e. with
+`pip install --no-build-isolation` (the README's set-up). Otherwise (`pip install .` and
+`pip install -e .` build in an isolated environment without torch) no `_C` is built and the first
+use builds the same sources with the same flags just in time against the installed torch, cached
+(treepo_kernels/ext.py, docs/kernels.md "How the extension is built"); csrc/ is shipped inside the
+wheel as treepo_kernels/csrc for that. A failed compile is a notice, never a failed install: the
+engine then falls back to the plain-PyTorch attention (`treepo info` says which).
 
 TREEPO_NO_EXT=1 skips the extension; TREEPO_NATIVE=0 builds without -march=native (for a
 binary that must run on other CPUs)."""
+import importlib.util
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
+# the source list and flags are the JIT build's (ext.py is stdlib-only at import: no torch needed)
+_spec = importlib.util.spec_from_file_location("_treepo_ext", Path(__file__).parent / "treepo_kernels" / "ext.py")
+ext = sys.modules["_treepo_ext"] = importlib.util.module_from_spec(_spec)  # (dataclasses look it up)
+_spec.loader.exec_module(ext)
+
+
+class BuildPy(build_py):
+    """Ships csrc/ as treepo_kernels/csrc in a wheel, for the JIT build (an editable install finds
+    csrc/ beside the package instead)."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            dst = Path(self.build_lib) / "treepo_kernels" / "csrc"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in ext.SOURCES + ext.HEADERS:
+                shutil.copyfile(Path("csrc") / f, dst / f)
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPy}
 if os.environ.get("TREEPO_NO_EXT") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except Exception as e:  # torch not importable at build time: no extension
-        print(f"treepo: not building the C++ CPU kernels ({e})", file=sys.stderr)
+    except Exception as e:  # torch not importable at build time (build isolation): JIT on first use
+        print(f"treepo: not building the C++ CPU kernels now ({e}); they are built just in time on first "
+              "use against the installed torch", file=sys.stderr)
     else:
-        flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
-        if os.environ.get("TREEPO_NATIVE", "1") == "1":
-            flags.append("-march=native")
+        cflags, ldflags = ext.flags()
 
         class OptionalBuild(BuildExtension):
             """A failed compile is a notice, not a failed install."""
@@ -32,13 +58,9 @@ if os.environ.get("TREEPO_NO_EXT") != "1":
                           "plain-PyTorch attention", file=sys.stderr)
                     self.extensions = []  # nothing to copy or install afterwards
 
-        # attention (one op per file, sharing csrc/attention.h), packed GEMMs, fused layer ops, and
-        # module.cpp, which registers every op (declared in csrc/ops.h) as torch.ops.treepo.*
-        sources = ["csrc/paged_kv.cpp", "csrc/tree_decode.cpp", "csrc/extend.cpp", "csrc/linear.cpp",
-                   "csrc/layer_ops.cpp", "csrc/module.cpp"]
-        ext_modules = [CppExtension("treepo_kernels._C", sources, extra_compile_args=flags,
-                                    extra_link_args=["-fopenmp"], depends=["csrc/attention.h", "csrc/bf16.h",
-                                                                             "csrc/ops.h"])]
-        cmdclass = {"build_ext": OptionalBuild.with_options(use_ninja=False)}
+        ext_modules = [CppExtension("treepo_kernels._C", [f"csrc/{f}" for f in ext.SOURCES],
+                                    extra_compile_args=cflags, extra_link_args=ldflags,
+                                    depends=[f"csrc/{f}" for f in ext.HEADERS])]
+        cmdclass["build_ext"] = OptionalBuild.with_options(use_ninja=False)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -10,8 +10,10 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=python3
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+# no C++ CPU kernels on the device machine: neither built at install nor just in time (device minutes)
+export TREEPO_NO_EXT=1
 if ! $PY -c "import treepo" 2>/dev/null; then
-  TREEPO_NO_EXT=1 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.txt" 2>&1
+  $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.txt" 2>&1
 fi
 unset TRITON_INTERPRET
 {

@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
 . .venv/bin/activate
-stamp=".venv/.setup-$(cat pyproject.toml setup.py scripts/setup.sh csrc/* | sha1sum | cut -c1-12)"
+stamp=".venv/.setup-$(cat pyproject.toml setup.py treepo_kernels/ext.py scripts/setup.sh csrc/* | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   pip install -q --upgrade pip setuptools wheel
   # the CPU build of torch (on a CUDA machine install the CUDA build first; this line then keeps it)

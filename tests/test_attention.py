@@ -68,9 +68,9 @@ def test_torch_backend_matches_reference(case, dtype):
 
 def test_auto_falls_back_to_torch_with_a_notice_when_the_extension_is_missing(monkeypatch, capsys):
     from treepo.engine import attention
-    from treepo_kernels import cpu
+    from treepo_kernels import ext
 
-    monkeypatch.setattr(cpu, "_error", "ImportError: no _C")
+    monkeypatch.setattr(ext, "_state", ext.ExtState("failed", why="ImportError: no _C"))
     monkeypatch.setattr(attention, "_noticed", set())
     assert attention.make_backend("auto", "cpu").name == "torch"
     assert "'cpu' unavailable" in capsys.readouterr().err

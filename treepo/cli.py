@@ -67,19 +67,21 @@ def cmd_info(args):
     import torch
 
     from treepo.engine.attention import backend_status, make_backend
+    from treepo_kernels import cpu as kernels
+    from treepo_kernels import ext
 
+    extension = ext.load().describe()  # the prebuilt C++ extension, else built just in time (once, cached)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     status = {}
     for name in ("torch", "triton", "cpu"):
         ok, why = backend_status(name, device)
         status[name] = "available" + (f" ({why})" if why else "") if ok else f"unavailable: {why}"
     info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": device,
-            "attention_backends": status, "auto_backend": make_backend("auto", device).name}
-    from treepo_kernels import cpu as kernels
-
+            "cpu_extension": extension, "attention_backends": status,
+            "auto_backend": make_backend("auto", device).name}
     impl = kernels.gemm_impl()
     info["cpu_packed_gemm"] = (f"{impl}: used for bf16 models on the CPU" if impl == "avx512bf16" else
-                               f"not used ({impl or 'extension not built'})")
+                               f"not used ({impl or 'no C++ extension'})")
     try:
         import triton
         info["triton"] = triton.__version__

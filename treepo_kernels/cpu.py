@@ -1,7 +1,8 @@
 """Launchers of the C++ CPU kernels in csrc/ (torch.ops.treepo.*), with the references' contracts.
 
-The extension `treepo_kernels._C` is built by setup.py when a compiler is present; `status()` says
-whether it loaded and why not. Each launcher's docstring is its contract; the C++ op checks every
+The extension is `treepo_kernels._C` when setup.py built it, else built just in time on first use
+against the installed torch and cached (ext.py); `status()` loads or builds it once and says whether
+it is usable and why not. Each launcher's docstring is its contract; the C++ op checks every
 shape, dtype and index of it on entry (RuntimeError naming the bad input, raised before anything is
 written), so no input can make a kernel read or write outside its tensors. Attention ops
 (docs/kernels.md, "C++ kernels"): `append_kv` (paged_kv.py's contract), `tree_decode`
@@ -14,20 +15,19 @@ import math
 
 import torch
 
+from . import ext
 from .tree_plan import TreePlan
-
-_error: str | None = None
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.treepo)
-except Exception as e:  # not built, or built for another torch
-    _error = f"{type(e).__name__}: {e}"
 
 
 def status() -> tuple[bool, str]:
-    """(available, reason): whether the compiled CPU kernels can be used."""
-    if _error is None:
+    """(available, reason): whether the compiled CPU kernels can be used. The first call loads the
+    prebuilt extension or builds it just in time (minutes, once per torch; ext.py); later calls are free."""
+    st = ext.load()
+    if st.ok:
         return True, ""
-    return False, f"the C++ extension treepo_kernels._C is not built ({_error}); reinstall with a C++ compiler"
+    if st.kind == "disabled":
+        return False, "the C++ extension is disabled by TREEPO_NO_EXT=1"
+    return False, f"the C++ extension is not available: {st.why}"
 
 
 def _need():
