@@ -181,7 +181,7 @@ class EngineConfig:
     preempted and recomputed (docs/kernels.md, "Batch invariance"): attention over fixed 64-token
     key chunks merged in a fixed order (shared chunks still read once), row-invariant packed GEMMs.
     Needs a bf16 model on a CPU with the C++ extension (attention_backend "cpu" or "auto"); costs
-    some speed (README, "Determinism")."""
+    some speed (measured in docs/kernels.md)."""
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
