@@ -10,6 +10,12 @@
 // counter (dynamic balance on torch's own thread pool); a task's result never depends on which
 // thread ran it, so outputs are bit-identical for any thread count. A shared node's pages are
 // converted to fp32 once per task and reused by all its rows.
+//
+// Batch invariance (docs/kernels.md, "Batch invariance"): with `fixed` set, `attend` computes every
+// row's scores with the same instructions whatever the task's row count (K is always transposed),
+// so a row's result depends on its own query and keys only; `finish_row` and `merge_row` are the
+// one normalisation and the one LSE merge that tree decode and extend share, so an extend that
+// cuts its keys into the same fixed chunks as a chunked decode plan reproduces it bit for bit.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -62,6 +68,7 @@ void convert(const T* src, float* dst, int n) {
 // Per-task scratch, reused across tasks run by one thread.
 struct Scratch {
   std::vector<float> q, o, m, l, alpha, k, kt, v, s;
+  std::vector<float> part_o, part_lse;  // chunked extend: each row's chunk partials
   std::vector<int> limit;
   // sized for `rows` query rows, with empty softmax state (o = 0, m = -inf, l = 0)
   void start(int rows, int D, int P) {
@@ -71,6 +78,10 @@ struct Scratch {
     if ((int)s.size() < rows * PB) s.resize(rows * PB);
     if ((int)k.size() < P * D) k.resize(P * D), v.resize(P * D);
     if ((int)kt.size() < D * PB) kt.resize(D * PB);
+    reset(rows, D);
+  }
+  // empty softmax state for `rows` rows (the queries stay loaded)
+  void reset(int rows, int D) {
     std::fill(o.begin(), o.begin() + rows * D, 0.0f);
     std::fill(m.begin(), m.begin() + rows, kNegInf);
     std::fill(l.begin(), l.begin() + rows, 0.0f);
@@ -127,13 +138,15 @@ inline void pv_block(float* __restrict__ O, const float* __restrict__ Pm, const 
 // `pages` (page i holds tokens start + i*P ...), for KV head `h`. Row r sees token t only when
 // t < limit[r] (limit == nullptr: all). Accumulates into sc.o / sc.m / sc.l (online softmax).
 // DC is the head dim when known at compile time (32/64/128: the row accumulators then live in
-// registers), 0 for any other head dim.
+// registers), 0 for any other head dim. `fixed`: the same score arithmetic for any row count (K
+// transposed even for one row), so each row's result does not depend on how many rows the task has.
 template <typename T, int DC>
 void attend_d(Scratch& sc, int rows, int d_runtime, const int* limit, const T* kc, const T* vc,
-              int64_t page_stride, int64_t head_off, int P, const int32_t* pages, int n, int64_t start) {
+              int64_t page_stride, int64_t head_off, int P, const int32_t* pages, int n, int64_t start,
+              bool fixed) {
   const int D = DC > 0 ? DC : d_runtime;
   const int PB = (P + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
-  const bool transpose = rows >= kTransposeRows;
+  const bool transpose = fixed || rows >= kTransposeRows;
   float* __restrict__ Q = sc.q.data();
   float* __restrict__ O = sc.o.data();
   float* __restrict__ S = sc.s.data();
@@ -225,13 +238,52 @@ void attend_d(Scratch& sc, int rows, int d_runtime, const int* limit, const T* k
 
 template <typename T>
 void attend(Scratch& sc, int rows, int D, const int* limit, const T* kc, const T* vc, int64_t page_stride,
-            int64_t head_off, int P, const int32_t* pages, int n, int64_t start) {
+            int64_t head_off, int P, const int32_t* pages, int n, int64_t start, bool fixed = false) {
   switch (D) {
-    case 32: return attend_d<T, 32>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
-    case 64: return attend_d<T, 64>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
-    case 128: return attend_d<T, 128>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
-    default: return attend_d<T, 0>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start);
+    case 32: return attend_d<T, 32>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start, fixed);
+    case 64: return attend_d<T, 64>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start, fixed);
+    case 128:
+      return attend_d<T, 128>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start, fixed);
+    default: return attend_d<T, 0>(sc, rows, D, limit, kc, vc, page_stride, head_off, P, pages, n, start, fixed);
   }
+}
+
+// Row r's normalised partial: dst[0:D] = o / l, returns its LSE (m + log l); a row that saw no key
+// gives zeros and -inf (it contributes nothing to a merge).
+inline float finish_row(const Scratch& sc, int r, int D, float* dst) {
+  const float l = sc.l[r];
+  if (!(l > 0.0f)) {
+    std::fill(dst, dst + D, 0.0f);
+    return kNegInf;
+  }
+  const float inv = 1.0f / l;
+  for (int d = 0; d < D; ++d) dst[d] = sc.o[(int64_t)r * D + d] * inv;
+  return sc.m[r] + std::log(l);
+}
+
+// LSE merge of n partials in the given order: out = sum_k exp(lse_k - m) o_k / sum_k exp(lse_k - m),
+// m the largest LSE; partial k is (part_o(k) [D], part_lse(k)), -inf ones are skipped. acc: D floats
+// of scratch. Writes dst [D] in T and returns the merged LSE (-inf if every partial is empty).
+template <typename T, typename O, typename L>
+inline float merge_row(int64_t n, const O& part_o, const L& part_lse, int64_t D, float* acc, T* dst) {
+  float mx = kNegInf;
+  for (int64_t k = 0; k < n; ++k) mx = std::max(mx, part_lse(k));
+  std::fill(acc, acc + D, 0.0f);
+  float total = 0.0f;
+  if (mx != kNegInf) {
+    for (int64_t k = 0; k < n; ++k) {
+      const float lse = part_lse(k);
+      if (lse == kNegInf) continue;
+      const float w = std::exp(lse - mx);
+      total += w;
+      const float* __restrict__ src = part_o(k);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
+    }
+  }
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] * inv);
+  return total > 0.0f ? mx + std::log(total) : kNegInf;
 }
 
 // Runs fn(task) for task in [0, n) on torch's thread pool, tasks handed out by a shared counter

@@ -18,9 +18,9 @@ TORCH_LIBRARY(treepo, m) {
         "Tensor slot_offsets) -> ()");
   m.def("tree_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor unit_page_ptr, Tensor unit_pages, "
         "Tensor unit_len, Tensor unit_leaf_ptr, Tensor unit_leaves, Tensor leaf_part_ptr, Tensor leaf_parts, "
-        "float scale) -> (Tensor, Tensor)");
+        "float scale, bool fixed) -> (Tensor, Tensor)");
   m.def("paged_extend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_q, "
-        "Tensor kv_lens, float scale) -> (Tensor, Tensor)");
+        "Tensor kv_lens, float scale, int chunk) -> (Tensor, Tensor)");
   // packed GEMMs (linear.cpp)
   m.def("pack_linear(Tensor w, bool gated) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor packed, int n_out, bool gated, bool fp32_out, int impl) -> Tensor");

@@ -21,12 +21,14 @@ std::tuple<at::Tensor, at::Tensor> tree_decode(const at::Tensor& q, const at::Te
                                                const at::Tensor& unit_pages, const at::Tensor& unit_len,
                                                const at::Tensor& unit_leaf_ptr, const at::Tensor& unit_leaves,
                                                const at::Tensor& leaf_part_ptr, const at::Tensor& leaf_parts,
-                                               double scale);
+                                               double scale, bool fixed);
 
-// extend.cpp: the new tokens of B sequences over their paged context -> (out, lse)
+// extend.cpp: the new tokens of B sequences over their paged context -> (out, lse); chunk > 0:
+// keys cut into chunks of that many tokens, merged as a chunked tree decode would (batch invariance)
 std::tuple<at::Tensor, at::Tensor> paged_extend(const at::Tensor& q, const at::Tensor& k_cache,
                                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                                const at::Tensor& cu_q, const at::Tensor& kv_lens, double scale);
+                                                const at::Tensor& cu_q, const at::Tensor& kv_lens, double scale,
+                                                int64_t chunk);
 
 // linear.cpp: bf16 weights packed once, then x W^T (optionally the gated MLP input side)
 at::Tensor pack_linear(const at::Tensor& w, bool gated);

@@ -3,7 +3,9 @@
 // of kLeafTile leaves, KV head) attends the unit's pages - read and converted once for all its
 // leaves - and writes one normalised partial (output, LSE) per (unit, leaf). Phase 2: each leaf
 // merges its partials by LSE in plan order (root first), so the result does not depend on the
-// thread count.
+// thread count. `fixed` (batch-invariant mode, with a chunked plan from tree_plan.plan_chunked):
+// every row's scores take the same instructions whatever the task's row count, so a leaf's output
+// depends on its own query and its plan's key ranges only (docs/kernels.md, "Batch invariance").
 #include "attention.h"
 #include "ops.h"
 
@@ -19,7 +21,7 @@ template <typename T>
 void tree_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const int32_t* unit_page_ptr, const int32_t* unit_pages, const int32_t* unit_len,
                       const int32_t* unit_leaf_ptr, const int32_t* unit_leaves, int64_t num_units, float scale,
-                      at::Tensor& part_o, at::Tensor& part_lse) {
+                      bool fixed, at::Tensor& part_o, at::Tensor& part_lse) {
   const int Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1), P = k_cache.size(2);
   const int g = Hq / Hkv;
   const T* qd = q.data_ptr<T>();
@@ -48,21 +50,11 @@ void tree_decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::
       sc.load_heads(i * g, qd + ((int64_t)unit_leaves[tk.leaf0 + i] * Hq + tk.head * g) * D, g, D, scale);
     const int32_t p0 = unit_page_ptr[tk.unit];
     attend<T>(sc, rows, D, nullptr, kc, vc, page_stride, (int64_t)tk.head * P * D, P, unit_pages + p0,
-              unit_len[tk.unit], 0);
+              unit_len[tk.unit], 0, fixed);
     for (int i = 0; i < tk.leaf1 - tk.leaf0; ++i)
       for (int j = 0; j < g; ++j) {
-        const int r = i * g + j;
         const int64_t slot = (int64_t)(tk.leaf0 + i) * Hq + tk.head * g + j;
-        float* dst = po + slot * D;
-        const float l = sc.l[r];
-        if (l > 0.0f) {
-          const float inv = 1.0f / l;
-          for (int d = 0; d < D; ++d) dst[d] = sc.o[r * D + d] * inv;
-          pl[slot] = sc.m[r] + std::log(l);
-        } else {  // empty unit: contributes nothing
-          std::fill(dst, dst + D, 0.0f);
-          pl[slot] = kNegInf;
-        }
+        pl[slot] = finish_row(sc, i * g + j, D, po + slot * D);  // an empty unit: -inf, contributes nothing
       }
   });
 }
@@ -79,26 +71,11 @@ void merge_impl(const at::Tensor& part_o, const at::Tensor& part_lse, const int3
     std::vector<float> acc(D);
     for (int64_t i = b0; i < b1; ++i) {
       const int64_t b = i / Hq, h = i % Hq;
-      const int32_t a = leaf_part_ptr[b], e = leaf_part_ptr[b + 1];
-      float mx = kNegInf;
-      for (int32_t k = a; k < e; ++k) mx = std::max(mx, pl[(int64_t)leaf_parts[k] * Hq + h]);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float total = 0.0f;
-      if (mx != kNegInf) {
-        for (int32_t k = a; k < e; ++k) {
-          const int64_t slot = (int64_t)leaf_parts[k] * Hq + h;
-          if (pl[slot] == kNegInf) continue;
-          const float w = std::exp(pl[slot] - mx);
-          total += w;
-          const float* src = po + slot * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * src[d];
-        }
-      }
-      T* dst = od + i * D;
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[d] * inv);
-      ld[i] = total > 0.0f ? mx + std::log(total) : kNegInf;
+      const int32_t* parts = leaf_parts + leaf_part_ptr[b];
+      auto slot = [&](int64_t k) { return (int64_t)parts[k] * Hq + h; };
+      ld[i] = merge_row(
+          leaf_part_ptr[b + 1] - leaf_part_ptr[b], [&](int64_t k) { return po + slot(k) * D; },
+          [&](int64_t k) { return pl[slot(k)]; }, D, acc.data(), od + i * D);
     }
   });
 }
@@ -110,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> tree_decode(const at::Tensor& q, const at::Te
                                                const at::Tensor& unit_pages, const at::Tensor& unit_len,
                                                const at::Tensor& unit_leaf_ptr, const at::Tensor& unit_leaves,
                                                const at::Tensor& leaf_part_ptr, const at::Tensor& leaf_parts,
-                                               double scale) {
+                                               double scale, bool fixed) {
   check_cache(k_cache, v_cache);
   TORCH_CHECK(q.dim() == 3 && q.size(2) == k_cache.size(3), "q must be [B, H_q, D] with the cache's D, got ",
               q.sizes());
@@ -145,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> tree_decode(const at::Tensor& q, const at::Te
   auto out = at::empty_like(qc);
   auto lse = at::empty({B, q.size(1)}, f32);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tree_decode", [&] {
-    tree_decode_impl<scalar_t>(qc, k_cache, v_cache, upp, up, ul, ulp, ulv, U, (float)scale, part_o, part_lse);
+    tree_decode_impl<scalar_t>(qc, k_cache, v_cache, upp, up, ul, ulp, ulv, U, (float)scale, fixed, part_o, part_lse);
     merge_impl<scalar_t>(part_o, part_lse, lpp, lp, B, out, lse);
   });
   return {out, lse};

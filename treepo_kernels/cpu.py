@@ -49,24 +49,27 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
 
 
 def tree_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan,
-                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float | None = None, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ `tree_decode_ref`.
 
     q: [B, H_q, D], row b = leaf b of the plan, in the caches' dtype (fp32, bf16 or fp16);
     k_cache, v_cache: [num_pages, H_kv, page_size, D] contiguous CPU tensors, H_q a multiple of H_kv;
     plan: a TreePlan on the CPU (contiguous int32 arrays; page ids and leaf / slot indices in range);
     scale defaults to 1/sqrt(D). Returns (out [B, H_q, D] in q's dtype, lse [B, H_q] fp32, natural
-    log), bit-identical for any thread count."""
+    log), bit-identical for any thread count.
+    fixed: every row's arithmetic is the same whatever its task's row count; with a plan from
+    `tree_plan.plan_chunked` a leaf's output then depends on its own query and keys only (batch
+    invariance, docs/kernels.md), and equals `paged_extend(..., chunk=plan's chunk)` bit for bit."""
     _need()
     assert q.dim() == 3 and q.shape[0] == plan.num_leaves, f"q {tuple(q.shape)} vs {plan.num_leaves} leaves"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return torch.ops.treepo.tree_decode(q, k_cache, v_cache, plan.unit_page_ptr, plan.unit_pages, plan.unit_len,
                                         plan.unit_leaf_ptr, plan.unit_leaves, plan.leaf_part_ptr,
-                                        plan.leaf_parts, scale)
+                                        plan.leaf_parts, scale, fixed)
 
 
 def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 cu_q: torch.Tensor, kv_lens: torch.Tensor, scale: float | None = None):
+                 cu_q: torch.Tensor, kv_lens: torch.Tensor, scale: float | None = None, chunk: int = 0):
     """C++ `extend.paged_attention_ref` (decode rows are the case of one new token).
 
     q: [T, H_q, D] in the caches' dtype (sequence b owns rows cu_q[b]:cu_q[b+1]); k_cache, v_cache:
@@ -74,11 +77,14 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_tables: [B, max_pages] integer (made int32), each row holding at least
     ceil(kv_lens[b] / page_size) valid page ids; cu_q: [B + 1] from 0 to T, kv_lens: [B] with
     kv_lens[b] >= the new tokens of b (both made int64). Returns (out [T, H_q, D] in q's dtype,
-    lse [T, H_q] fp32, natural log), bit-identical for any thread count."""
+    lse [T, H_q] fp32, natural log), bit-identical for any thread count.
+    chunk: 0, or a multiple of page_size: keys cut into chunks of that many tokens at fixed positions
+    and merged in chunk order, as `tree_decode(..., fixed=True)` on a `plan_chunked` plan does
+    (batch invariance: a token's result is the same decoded or recomputed, alone or batched)."""
     _need()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return torch.ops.treepo.paged_extend(q, k_cache, v_cache, block_tables.int().contiguous(),
-                                         cu_q.long().contiguous(), kv_lens.long().contiguous(), scale)
+                                         cu_q.long().contiguous(), kv_lens.long().contiguous(), scale, chunk)
 
 
 def gemm_impl() -> str:

@@ -15,6 +15,11 @@ order (root first) - deterministic, no atomics. Two levers:
   min_fanout=2 keeps every shared node, a huge value gives plain paged decode (one unit per row).
 - `max_unit_pages`: long nodes are split into chunks (split-KV) to fill a GPU.
 Built once per step on the host and reused by every layer.
+
+`plan_chunked` is the batch-invariant planner (docs/kernels.md, "Batch invariance"): every row's
+keys are cut at fixed positions (chunks of `chunk_pages` pages), a unit is one chunk's pages and
+every row that holds exactly those pages, so shared chunks are still read once for all sharers, yet
+each row's partials cover the same key ranges whatever else is in the batch.
 """
 from __future__ import annotations
 
@@ -67,6 +72,66 @@ class TreePlan:
 
 _ARRAYS = ("unit_page_ptr", "unit_pages", "unit_len", "unit_start", "unit_leaf_ptr", "unit_leaves",
            "leaf_part_ptr", "leaf_parts")
+
+
+def _flatten(units, leaf_units, kv_lens, device) -> TreePlan:
+    """TreePlan from units [(pages, ntok, start, leaves)] and each leaf's unit ids (merged by start)."""
+    unit_page_ptr, unit_pages, unit_len, unit_start, unit_leaf_ptr, unit_leaves = [0], [], [], [], [0], []
+    for pages, ntok, start, leaves in units:
+        unit_pages += pages
+        unit_page_ptr.append(len(unit_pages))
+        unit_len.append(ntok)
+        unit_start.append(start)
+        unit_leaves += leaves
+        unit_leaf_ptr.append(len(unit_leaves))
+    slot = {}
+    for u, (_, _, _, leaves) in enumerate(units):
+        for i, b in enumerate(leaves):
+            slot[(u, b)] = unit_leaf_ptr[u] + i
+    leaf_part_ptr, leaf_parts = [0], []
+    for b, us in enumerate(leaf_units):
+        us = sorted(us, key=lambda u: units[u][2])  # root first
+        covered = sum(units[u][1] for u in us)
+        assert covered == kv_lens[b], f"row {b}: units cover {covered} of {kv_lens[b]} tokens"
+        leaf_parts += [slot[(u, b)] for u in us]
+        leaf_part_ptr.append(len(leaf_parts))
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    return TreePlan(t(unit_page_ptr), t(unit_pages), t(unit_len), t(unit_start), t(unit_leaf_ptr),
+                    t(unit_leaves), t(leaf_part_ptr), t(leaf_parts), len(kv_lens),
+                    max((len(u[3]) for u in units), default=0), max((len(u[0]) for u in units), default=0),
+                    max((len(x) for x in leaf_units), default=0), sum(unit_len), sum(kv_lens))
+
+
+def plan_chunked(block_tables: list[list[int]], kv_lens: list[int], page_size: int, chunk_pages: int,
+                 device="cpu") -> TreePlan:
+    """The batch-invariant plan: row b's keys [c*C, (c+1)*C), C = chunk_pages * page_size, form one
+    partial per chunk c whatever the batch; the rows holding the same pages for a chunk share its
+    unit (one read). With `tree_decode(..., fixed=True)` a row's output depends on its query and
+    keys alone and equals `paged_extend(..., chunk=C)` bit for bit."""
+    P, C = page_size, chunk_pages * page_size
+    assert len(block_tables) == len(kv_lens) and chunk_pages >= 1
+    units, by_pages = [], {}  # by_pages: a chunk's page ids -> its unit
+    leaf_units: list[list[int]] = [[] for _ in kv_lens]
+    for b, (table, L) in enumerate(zip(block_tables, kv_lens)):
+        assert L >= 1, f"row {b} has kv_len {L}"
+        n_pages = cdiv(L, P)
+        assert len(table) >= n_pages, f"row {b}: {len(table)} pages for {L} tokens"
+        for c in range(cdiv(L, C)):
+            pages = tuple(table[c * chunk_pages:min((c + 1) * chunk_pages, n_pages)])
+            ntok = min(C, L - c * C)
+            u = by_pages.get(pages)
+            if u is None:
+                u = by_pages[pages] = len(units)
+                units.append((list(pages), ntok, c * C, []))
+            elif units[u][1] != ntok:
+                raise ValueError(f"page {pages[-1]} is shared by rows with different fill ({units[u][1] % P or P} "
+                                 f"vs {ntok % P or P} tokens): only full pages may be shared")
+            units[u][3].append(b)
+            leaf_units[b].append(u)
+    return _flatten(units, leaf_units, kv_lens, device)
 
 
 class _Node:
@@ -143,31 +208,4 @@ def plan_tree(block_tables: list[list[int]], kv_lens: list[int], page_size: int,
                 emit(pages, ntok, start, [b])
             for child in reversed(list(node.children.values())):
                 stack.append((child, pages, ntok, start))
-    # 3. flatten
-    unit_page_ptr, unit_pages, unit_len, unit_start, unit_leaf_ptr, unit_leaves = [0], [], [], [], [0], []
-    for pages, ntok, start, leaves in units:
-        unit_pages += pages
-        unit_page_ptr.append(len(unit_pages))
-        unit_len.append(ntok)
-        unit_start.append(start)
-        unit_leaves += leaves
-        unit_leaf_ptr.append(len(unit_leaves))
-    slot = {}
-    for u, (_, _, _, leaves) in enumerate(units):
-        for i, b in enumerate(leaves):
-            slot[(u, b)] = unit_leaf_ptr[u] + i
-    leaf_part_ptr, leaf_parts = [0], []
-    for b, us in enumerate(leaf_units):
-        us = sorted(us, key=lambda u: units[u][2])  # root first
-        covered = sum(units[u][1] for u in us)
-        assert covered == kv_lens[b], f"row {b}: units cover {covered} of {kv_lens[b]} tokens"
-        leaf_parts += [slot[(u, b)] for u in us]
-        leaf_part_ptr.append(len(leaf_parts))
-
-    def t(x):
-        return torch.tensor(x, dtype=torch.int32, device=device)
-
-    return TreePlan(t(unit_page_ptr), t(unit_pages), t(unit_len), t(unit_start), t(unit_leaf_ptr),
-                    t(unit_leaves), t(leaf_part_ptr), t(leaf_parts), len(kv_lens),
-                    max((len(u[3]) for u in units), default=0), max((len(u[0]) for u in units), default=0),
-                    max((len(x) for x in leaf_units), default=0), sum(unit_len), sum(kv_lens))
+    return _flatten(units, leaf_units, kv_lens, device)

@@ -214,6 +214,12 @@ class EngineConfig:
     packed_weights: bool | None = None
     """Prepacked CPU GEMMs (treepo/engine/packed_model.py): None uses them where they work, True
     insists (an error where they cannot run), False never."""
+    batch_invariant: bool = False
+    """Bit-identical results for a sequence whatever else is in the batch and whether it was
+    preempted and recomputed (docs/kernels.md, "Batch invariance"): attention over fixed 64-token
+    key chunks merged in a fixed order (shared chunks still read once), row-invariant packed GEMMs.
+    Needs a bf16 model on a CPU with the C++ extension (attention_backend "cpu" or "auto"); costs
+    some speed (measured in docs/kernels.md)."""
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -235,6 +241,11 @@ class EngineConfig:
                              "'auto', 'torch', 'cpu' or 'triton'")
         if self.packed_weights not in (None, True, False):
             raise ValueError(f"packed_weights={self.packed_weights!r}; it must be None (auto), True or False")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant={self.batch_invariant!r}; it must be True or False")
+        if self.batch_invariant and self.packed_weights is False:
+            raise ValueError("batch_invariant=True needs the packed GEMMs (their rows do not depend on the batch); "
+                             "packed_weights=False turns them off")
 
     @classmethod
     def build(cls, config: EngineConfig | None = None, **overrides) -> EngineConfig:

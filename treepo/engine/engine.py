@@ -71,7 +71,7 @@ DEFAULT_KV_MEMORY_CPU = 2 << 30
 class Engine:
     """`Engine(model, tokenizer=None, config=None, **settings)`: settings are EngineConfig fields
     (device, attention_backend, kv_cache_memory, num_pages, page_size, max_num_seqs,
-    max_num_batched_tokens, max_model_len, packed_weights), given as keywords or as a config
+    max_num_batched_tokens, max_model_len, packed_weights, batch_invariant), given as keywords or as a config
     (keywords override its fields)."""
 
     def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None, **settings):
@@ -84,8 +84,9 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.max_model_len = min(ecfg.max_model_len or cfg.max_model_len, cfg.max_model_len)
         self.kv = self._make_kv_cache(ecfg)
-        self.backend = make_backend(ecfg.attention_backend, self.device)
-        self.runner = Runner(self.model, self.kv, self.backend, self.device, self._packed(ecfg.packed_weights))
+        self.backend = self._make_backend(ecfg)
+        packed = self._packed(ecfg.packed_weights, ecfg.batch_invariant)
+        self.runner = Runner(self.model, self.kv, self.backend, self.device, packed)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
@@ -108,19 +109,42 @@ class Engine:
                 memory = int(free * 0.6)
         return PagedKVCache.from_memory(memory, *kv_args, ecfg.page_size, self.dtype, self.device)
 
-    def _packed(self, want: bool | None):
+    def _make_backend(self, ecfg: EngineConfig):
+        """The attention backend; batch_invariant: the C++ one with fixed key chunks (only it is invariant)."""
+        if not ecfg.batch_invariant:
+            return make_backend(ecfg.attention_backend, self.device)
+        from .attention import backend_status
+        from .attention.cpu_backend import INVARIANT_CHUNK_TOKENS, CpuBackend
+
+        why = None
+        if self.device.type != "cpu":
+            why = f"runs on the CPU only, not on {self.device} (the triton and torch backends are not batch-invariant)"
+        elif ecfg.attention_backend not in ("auto", "cpu"):
+            why = (f"needs attention_backend 'cpu' or 'auto', not {ecfg.attention_backend!r} (only the C++ kernels "
+                   "are batch-invariant)")
+        elif not backend_status("cpu", self.device)[0]:
+            why = f"needs the C++ kernels: {backend_status('cpu', self.device)[1]}"
+        elif self.dtype != torch.bfloat16:
+            why = f"needs a bf16 model, not {self.dtype} (torch's fp32 / fp16 GEMMs depend on the row count)"
+        if why:
+            raise ValueError(f"batch_invariant=True {why}")
+        return CpuBackend(chunk_tokens=INVARIANT_CHUNK_TOKENS)
+
+    def _packed(self, want: bool | None, invariant: bool = False):
         """The prepacked-GEMM forward (treepo/engine/packed_model.py): None (auto) uses it where it works
-        (CPU, bf16, extension built with AVX512-BF16); True insists; False never."""
+        (CPU, bf16, extension built with AVX512-BF16); True insists; False never. batch_invariant takes
+        it with either GEMM build (the portable loop is slower, but its rows are invariant too)."""
         if want is False:
             return None
         from .packed_model import PackedModel, packed_status
 
-        ok, why = packed_status(self.model, self.device)
+        ok, why = packed_status(self.model, self.device, portable_ok=invariant)
         if not ok:
-            if want:
-                raise ValueError(f"packed_weights=True but the packed CPU GEMMs cannot run: {why}")
+            if want or invariant:
+                flag = "batch_invariant=True" if invariant else "packed_weights=True"
+                raise ValueError(f"{flag} but the packed CPU GEMMs cannot run: {why}")
             return None
-        return PackedModel(self.model)
+        return PackedModel(self.model, invariant=invariant)
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, attention_backend: str = "auto", **settings):

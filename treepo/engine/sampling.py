@@ -66,12 +66,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, row_seeds: list[int] | 
     else:
         u = torch.tensor([[((mix_seed(s) >> 10) + 1) / 2.0**53] for s in row_seeds],
                          dtype=torch.float64, device=z.device)
-    zmax = z.amax(-1, keepdim=True)
-    cdf = (z - zmax).exp_().cumsum_(-1)  # [B, V] fp32, unnormalised
-    lse = zmax + cdf[:, -1:].log()
+    # softmax / log_softmax run row by row (a row's values depend on that row alone, unlike an
+    # elementwise exp over [B, V], whose vectorised and scalar parts move with B): batch-invariant
+    cdf = torch.softmax(z, -1).cumsum_(-1)  # [B, V] fp32
     u = (u * cdf[:, -1:].double()).float()
     tokens = torch.searchsorted(cdf, u).clamp_(max=z.shape[-1] - 1)[:, 0]
-    chosen = (z.gather(-1, tokens[:, None]) - lse)[:, 0]
+    chosen = torch.log_softmax(z, -1).gather(-1, tokens[:, None])[:, 0]
     if params.return_model_logprobs:
         model_lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
     return tokens, chosen, model_lp

@@ -3,6 +3,11 @@
 Decode rows go through the tree planner (treepo_kernels/tree_plan.py) once per step: pages that
 several rows share (the prompt, shared segments of a tree) are read and converted once per layer
 for all those rows. Extend rows (prefill, recompute, fallback re-runs) use the paged extend kernel.
+
+Batch-invariant mode (`CpuBackend(chunk_tokens=C)`, EngineConfig.batch_invariant): decode rows are
+planned by `plan_chunked` (fixed C-token key chunks; rows holding the same pages in a chunk still
+share its read) and run with `fixed=True`; extend rows cut their keys into the same chunks, so a
+token's attention is the same bits decoded or recomputed, alone or batched (docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from treepo_kernels import cpu as kernels
-from treepo_kernels.tree_plan import TreePlan, plan_tree
+from treepo_kernels.tree_plan import TreePlan, plan_chunked, plan_tree
 
 from ..kv_cache import PagedKVCache
+
+INVARIANT_CHUNK_TOKENS = 64  # batch-invariant mode's key chunk (rounded to whole pages, at least one)
 
 
 @dataclass
@@ -33,8 +40,13 @@ class CpuBackend:
     name = "cpu"
     auto_ok = True
 
-    def __init__(self, min_fanout: int = 2):
+    def __init__(self, min_fanout: int = 2, chunk_tokens: int = 0):
         self.min_fanout = min_fanout
+        self.chunk_tokens = chunk_tokens  # 0: the tree plan; > 0: batch-invariant fixed key chunks
+
+    def chunk_for(self, page_size: int) -> int:
+        """The invariant mode's chunk in tokens for a page size (a whole number of pages), 0 when off."""
+        return max(1, self.chunk_tokens // page_size) * page_size if self.chunk_tokens else 0
 
     @staticmethod
     def available(device: torch.device) -> tuple[bool, str]:
@@ -47,8 +59,11 @@ class CpuBackend:
         dec, tok = meta.rows(decode=True)
         if dec:
             plan.decode_tok = tok
-            plan.tree = plan_tree([meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec], kv.page_size,
-                                  min_fanout=self.min_fanout)
+            tables, lens = [meta.tables[b] for b in dec], [meta.kv_lens[b] for b in dec]
+            if self.chunk_tokens:
+                plan.tree = plan_chunked(tables, lens, kv.page_size, self.chunk_for(kv.page_size) // kv.page_size)
+            else:
+                plan.tree = plan_tree(tables, lens, kv.page_size, min_fanout=self.min_fanout)
         ext, tok = meta.rows(decode=False)
         if ext:
             plan.extend_tok = tok
@@ -63,12 +78,20 @@ class CpuBackend:
         kernels.append_kv(kv.k[layer], kv.v[layer], k, v, meta.slot_pages, meta.slot_offsets)
         q = q.to(kv.k.dtype)
         k_cache, v_cache = kv.k[layer], kv.v[layer]
+        fixed, chunk = self.chunk_tokens > 0, self.chunk_for(kv.page_size)
+
+        def decode(q):
+            return kernels.tree_decode(q, k_cache, v_cache, plan.tree, fixed=fixed)[0]
+
+        def extend(q):
+            return kernels.paged_extend(q, k_cache, v_cache, plan.block_tables, plan.cu_q, plan.kv_lens,
+                                        chunk=chunk)[0]
+
         if plan.block_tables is None:  # decode rows only: no gather / scatter
-            return kernels.tree_decode(q, k_cache, v_cache, plan.tree)[0]
+            return decode(q)
         if plan.tree is None:  # extend rows only
-            return kernels.paged_extend(q, k_cache, v_cache, plan.block_tables, plan.cu_q, plan.kv_lens)[0]
+            return extend(q)
         out = torch.empty_like(q)
-        out[plan.decode_tok] = kernels.tree_decode(q[plan.decode_tok], k_cache, v_cache, plan.tree)[0]
-        out[plan.extend_tok] = kernels.paged_extend(q[plan.extend_tok], k_cache, v_cache, plan.block_tables,
-                                                    plan.cu_q, plan.kv_lens)[0]
+        out[plan.decode_tok] = decode(q[plan.decode_tok])
+        out[plan.extend_tok] = extend(q[plan.extend_tok])
         return out
