@@ -68,6 +68,27 @@ def build(case, Hkv, D, P, dtype):
     return kv, tables, lens
 
 
+def prefill_case(Hq, Hkv, D, P, dtype, seqs=8, tokens=512):
+    """A prefill step: `seqs` sequences of `tokens` new tokens each in a fresh one-layer pool.
+    Returns (kv, meta, q [seqs * tokens, Hq, D], k_new, v_new [seqs * tokens, Hkv, D])."""
+    from treepo.engine.attention import AttentionMetadata
+    from treepo.engine.kv_cache import PagedKVCache
+
+    kv = PagedKVCache(1, Hkv, D, num_pages=1024, page_size=P, dtype=dtype)
+    tables = []
+    for _ in range(seqs):
+        t = []
+        kv.grow(t, tokens)
+        tables.append(t)
+    kv.k.normal_()
+    kv.v.normal_()
+    meta = AttentionMetadata.build(kv, tables, [tokens] * seqs, [tokens] * seqs, "cpu")
+    q = torch.randn(seqs * tokens, Hq, D, dtype=dtype)
+    k_new = kv.k[0][meta.slot_pages, :, meta.slot_offsets].clone()
+    v_new = kv.v[0][meta.slot_pages, :, meta.slot_offsets].clone()
+    return kv, meta, q, k_new, v_new
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -111,20 +132,8 @@ def main():
         r["tree_gflops"] = 4 * D * Hq * tree.path_tokens / r["cpu_tree_ms"] / 1e6
         rows.append(r)
     # extend (prefill): 8 sequences x 512 new tokens
-    from treepo.engine.kv_cache import PagedKVCache
 
-    kv = PagedKVCache(1, Hkv, D, num_pages=1024, page_size=P, dtype=dtype)
-    tables = []
-    for _ in range(8):
-        t = []
-        kv.grow(t, 512)
-        tables.append(t)
-    kv.k.normal_()
-    kv.v.normal_()
-    meta = AttentionMetadata.build(kv, tables, [512] * 8, [512] * 8, "cpu")
-    q = torch.randn(8 * 512, Hq, D, dtype=dtype)
-    k_new = kv.k[0][meta.slot_pages, :, meta.slot_offsets].clone()
-    v_new = kv.v[0][meta.slot_pages, :, meta.slot_offsets].clone()
+    kv, meta, q, k_new, v_new = prefill_case(Hq, Hkv, D, P, dtype)
     r = {"case": "extend", "leaves": 8, "path_tokens": 8 * 512}
     from treepo.engine.attention.cpu_backend import CpuBackend
 

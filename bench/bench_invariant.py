@@ -22,14 +22,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_cpu_kernels import build  # noqa: E402
+from bench_cpu_kernels import build, prefill_case  # noqa: E402
 from common import chat_prompts, print_table, result_line  # noqa: E402
 
 
 def attention_rows(Hq, Hkv, D, repeat, chunks):
-    from treepo.engine.attention import AttentionMetadata
     from treepo.engine.attention.cpu_backend import INVARIANT_CHUNK_TOKENS, CpuBackend
-    from treepo.engine.kv_cache import PagedKVCache
     from treepo_kernels import cpu as kernels
     from treepo_kernels.tree_plan import plan_chunked, plan_tree
 
@@ -53,17 +51,7 @@ def attention_rows(Hq, Hkv, D, repeat, chunks):
                          "default_ms": ms["default"], "invariant_ms": ms["invariant"],
                          "cost": ms["invariant"] / ms["default"], "plan_default_ms": (t1 - t0) * 1e3,
                          "plan_invariant_ms": (t2 - t1) * 1e3})
-    kv = PagedKVCache(1, Hkv, D, num_pages=1024, page_size=P, dtype=dtype)
-    tables = []
-    for _ in range(8):
-        kv.grow(t := [], 512)
-        tables.append(t)
-    kv.k.normal_()
-    kv.v.normal_()
-    meta = AttentionMetadata.build(kv, tables, [512] * 8, [512] * 8, "cpu")
-    q = torch.randn(8 * 512, Hq, D, dtype=dtype)
-    k_new = kv.k[0][meta.slot_pages, :, meta.slot_offsets].clone()
-    v_new = kv.v[0][meta.slot_pages, :, meta.slot_offsets].clone()
+    kv, meta, q, k_new, v_new = prefill_case(Hq, Hkv, D, P, dtype)
     fns = {}
     for name, backend in (("default", CpuBackend()), ("invariant", CpuBackend(chunk_tokens=INVARIANT_CHUNK_TOKENS))):
         plan = backend.plan(meta, kv, Hq)
