@@ -13,9 +13,12 @@ import math
 from dataclasses import dataclass, field
 
 from treepo.rollout.tree import TreeConfig
+from treepo.train.batch import PACKINGS
 
 MODES = ("tree", "sequential")
 ADVANTAGES = ("tree", "grpo", "rpp")
+AUTOCASTS = ("auto", "bf16", "off")
+ENGINE_DTYPES = ("auto", "bfloat16", "float32")
 
 # preset name -> field values it sets (explicit fields and the --config file override them)
 PRESETS: dict[str, dict] = {
@@ -65,14 +68,17 @@ class TrainConfig:
     max_response_len: int = 128  # L (defaults to l * d when 0)
     temperature: float = 0.7  # rollouts; at 1.0 the 135M model almost never answers within 128 tokens
     top_p: float = 1.0
-    engine_dtype: str = "bfloat16"  # inference copy dtype
+    engine_dtype: str = "auto"  # inference copy: "auto" (bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX,
+    # float32 elsewhere: torch emulates bf16 matmuls there, several times slower) | "bfloat16" | "float32"
     # batch shaping
     dynamic_sampling: bool = True  # drop prompts whose leaves all have the same accuracy ...
     max_gen_batches: int = 3  # ... and sample more, at most this many generation rounds per step
     overlong_buffer: int = 0  # B of overlong shaping (0 = off)
     overlong_factor: float = 1.0
     mini_batches: int = 1  # optimizer steps per RL step (1 epoch over the batch)
-    micro_batch_size: int = 16  # leaves per forward/backward
+    packing: str = "tree"  # what one training forward computes (docs/training.md section 10): "tree" every
+    # unique token of a tree once, "prompt" only the prompt shared, "none" one padded row per leaf
+    micro_batch_tokens: int = 4096  # tokens per forward/backward (whole trees; a larger tree runs alone)
     # advantages and loss
     advantage: str = "tree"  # "tree" (TreePO) | "grpo" | "rpp" (REINFORCE++-baseline)
     aggregation: str = "average"  # tree advantage: "average" | "size_weighted"
@@ -88,7 +94,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     betas: tuple = (0.9, 0.999)
-    train_dtype: str = "float32"  # parameters; bf16 mixed precision is used on CUDA
+    train_dtype: str = "float32"  # parameters and optimizer state (fp32 master weights)
+    autocast: str = "auto"  # bf16 autocast of the training forward/backward: "auto" (on CUDA, and on CPUs with
+    # AVX512-BF16/AMX where it is faster) | "bf16" | "off"
     # evaluation, logging, checkpoints
     eval_every: int = 5  # steps between held-out evaluations (0 = only before and after)
     eval_n: int = 4  # samples per problem
@@ -106,11 +114,18 @@ class TrainConfig:
             raise ValueError(f"preset={self.preset!r}; valid: {', '.join(PRESETS)}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; valid: {', '.join(MODES)}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing={self.packing!r}; valid: {', '.join(PACKINGS)}")
+        if self.autocast not in AUTOCASTS:
+            raise ValueError(f"autocast={self.autocast!r}; valid: {', '.join(AUTOCASTS)}")
+        if self.engine_dtype not in ENGINE_DTYPES:
+            raise ValueError(f"engine_dtype={self.engine_dtype!r}; valid: {', '.join(ENGINE_DTYPES)}")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage={self.advantage!r}; valid: {', '.join(ADVANTAGES)}")
         if self.max_response_len == 0:
             self.max_response_len = self.segment_len * self.max_depth
-        for name in ("steps", "prompts_per_step", "leaves", "mini_batches", "micro_batch_size", "max_gen_batches"):
+        for name in ("steps", "prompts_per_step", "leaves", "mini_batches", "micro_batch_tokens",
+                     "max_gen_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("lr", "weight_decay", "grad_clip", "temperature", "eps_low", "eps_high", "dual_clip",

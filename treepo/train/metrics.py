@@ -6,8 +6,10 @@ Every reduction here is a collective: all ranks call these functions in the same
 from __future__ import annotations
 
 import json
+import math
 import os
 
+import torch
 import torch.distributed as dist
 
 from treepo.rollout.tree import FINISH_REASONS
@@ -123,3 +125,33 @@ def progress_line(step: int, steps: int, m: dict) -> str:
 def eval_line(step: int, ev: dict) -> str:
     return "eval step " + str(step) + " " + " ".join(
         f"{k.split('eval/')[1]}={v:.3f}" for k, v in ev.items() if not k.endswith("problems"))
+
+
+def packing_metrics(batch) -> dict:
+    """Tokens of one training pass, over all ranks: unique (every shared prefix once), per leaf,
+    padded, and what this run's packing computes (docs/training.md section 10)."""
+    st = batch.packing_stats() if batch is not None else {"unique": 0, "leaf": 0, "padded": 0, "forward": 0}
+    st = {k: all_reduce_scalar(v) for k, v in st.items()}
+    return {"packing/unique_tokens": st["unique"], "packing/leaf_tokens": st["leaf"],
+            "packing/padded_tokens": st["padded"], "packing/forward_tokens": st["forward"],
+            "packing/ideal_ratio": st["leaf"] / max(st["unique"], 1),
+            "packing/padding_avoided": st["padded"] - st["forward"]}
+
+def batch_metrics(batch, old_lp: torch.Tensor | None) -> dict:
+    """adv/mean, adv/std (per leaf, before whitening) and the sampler-vs-trainer log-prob gap
+    (mean |difference| per response token), over all ranks (collectives)."""
+    adv = batch.advantages.double() if batch is not None else torch.zeros(0, dtype=torch.float64)
+    n, s, sq = (all_reduce_scalar(x) for x in (adv.numel(), float(adv.sum()), float((adv * adv).sum())))
+    m = {}
+    if n:
+        mean = s / n
+        m["adv/mean"] = mean
+        m["adv/std"] = math.sqrt(max(sq - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
+    gap, tokens = 0.0, 0.0
+    if batch is not None:
+        valid = batch.mask.bool()
+        gap, tokens = float((batch.sampler_logprobs[valid] - old_lp[valid]).abs().sum()), float(valid.sum())
+    gap, tokens = all_reduce_scalar(gap), all_reduce_scalar(tokens)
+    if tokens:
+        m["mismatch/sampler_vs_trainer_logp"] = gap / tokens
+    return m

@@ -10,12 +10,10 @@ Algorithm: docs/algorithm.md sections 2-4; the step, FSDP and numerics: docs/tra
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,34 +32,31 @@ from treepo.engine.tokenizer import load_tokenizer
 from treepo.losses import policy_loss, token_count_for_step
 from treepo.rollout.sampler import TreeSampler
 from treepo.rollout.tree import trees_to_batch
-from treepo_kernels.common import cdiv
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
 from .data import PromptStream, check_heldout_size, gsm8k_test, gym_problems, jsonl_problems, split_heldout
-from .distributed import all_max, all_reduce_scalar, init_distributed, shard_model
+from .distributed import all_max, init_distributed, shard_model
 from .evaluate import evaluate, reduce_eval
-from .metrics import MetricsLog, TokenWeighted, eval_line, progress_line, rollout_metrics, timing_metrics
+from .memory import PeakMemory
+from .metrics import (
+    MetricsLog,
+    TokenWeighted,
+    batch_metrics,
+    eval_line,
+    packing_metrics,
+    progress_line,
+    rollout_metrics,
+    timing_metrics,
+)
+from .precision import autocast, resolve_autocast, resolve_engine_dtype
 from .rewards.problems import ProblemScorer
 from .rollout import Rollout, RolloutCollector
 from .run_dir import clear_previous_run, plan_run_on_rank0, write_config
+from .step_batch import MicroBatch, StepBatch
+from .tree_attention import TreeAttention
 
 MICRO_KEYS = ("prompts", "responses", "response_mask", "input_ids", "attention_mask", "position_ids")
-
-
-@dataclass
-class StepBatch:
-    """This rank's training batch of one step: trees_to_batch's tensors + token advantages."""
-
-    tensors: dict  # trees_to_batch output (rows = leaves, tree order then leaf order)
-    advantages: torch.Tensor  # [N] per leaf, before whitening
-    token_advantages: torch.Tensor  # [N, Lr] whitened over every valid token of all ranks
-    mask: torch.Tensor  # [N, Lr] float, 1 on response tokens
-    sampler_logprobs: torch.Tensor  # [N, Lr] the sampler's log-probs under the untempered model (0 on padding)
-
-    @property
-    def rows(self) -> int:
-        return self.advantages.shape[0]
 
 
 class Trainer:
@@ -80,6 +75,7 @@ class Trainer:
         path = cfg.model or bundled_model_path()
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
+        self.autocast_dtype = resolve_autocast(cfg.autocast, self.device)
         model = load_model(path, dtype=cfg.train_dtype, device=self.device)
         self.hf_config = model.hf_config
         model.train()
@@ -91,7 +87,7 @@ class Trainer:
         self.ref_model = None
         if cfg.kl_coef > 0:
             self.ref_model = load_model(path, dtype=cfg.train_dtype, device=self.device).eval()
-        eng_model = load_model(path, dtype=cfg.engine_dtype, device=self.device)
+        eng_model = load_model(path, dtype=resolve_engine_dtype(cfg.engine_dtype, self.device), device=self.device)
         self.engine = Engine(eng_model, self.tokenizer, device=self.device)
         self.sampler = TreeSampler(self.engine, cfg.tree_config())
         self.stream = PromptStream(train, seed=cfg.seed)
@@ -148,8 +144,8 @@ class Trainer:
                                include_root=cfg.include_root)
 
     def prepare(self, rollout: Rollout) -> StepBatch | None:
-        """Padded tensors, overlong shaping, advantages and their whitening (a collective: a rank
-        with nothing kept still takes part, and gets None)."""
+        """Padded per-leaf tensors, overlong shaping, advantages and their whitening (a collective:
+        a rank with nothing kept still takes part, and gets None)."""
         cfg = self.cfg
         if not rollout.groups:
             whiten(torch.zeros(0, 1), torch.zeros(0, 1))
@@ -168,17 +164,28 @@ class Trainer:
         for r, leaf in enumerate(lf for t in rollout.trees for lf in t.leaves):
             lps = leaf.model_logprobs if leaf.model_logprobs is not None else leaf.logprobs
             sampler_lp[r, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
-        return StepBatch(tensors, adv, whiten(broadcast_to_tokens(adv, mask), mask), mask, sampler_lp)
+        return StepBatch(tensors, adv, whiten(broadcast_to_tokens(adv, mask), mask), mask, sampler_lp,
+                         rollout.trees, cfg.packing)
 
-    def logprobs(self, model, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-prob of each response token [b, Lr] with grad, its entropy [b, Lr] without)."""
-        Lp = mb["prompts"].shape[1]
-        return model(mb["input_ids"], mb["position_ids"], attention_mask=mb["attention_mask"],
-                     labels=mb["responses"], label_start=Lp)
+    def logprobs(self, model, batch: StepBatch | None, mb: MicroBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob of each response token [b, Lr] with grad, its entropy [b, Lr] without) of the
+        micro-batch's leaf rows; packed micro-batches compute each unique token once and copy it to
+        every (leaf, token) pair that reads it (docs/training.md section 10)."""
+        with autocast(self.device, self.autocast_dtype):
+            if mb is None or mb.packed is None:
+                t = self.padded_rows(batch, mb.rows if mb is not None else [])
+                Lp = t["prompts"].shape[1]
+                return model(t["input_ids"], t["position_ids"], attention_mask=t["attention_mask"],
+                             labels=t["responses"], label_start=Lp)
+            p = mb.packed if mb.packed.input_ids.device == self.device else mb.packed.to(self.device)
+            lp, ent = model(p.input_ids, p.position_ids, attn=TreeAttention(p), labels=p.labels,
+                            label_positions=p.pred_index)
+        width = batch.mask.shape[1]
+        return p.scatter(lp, width), p.scatter(ent, width)
 
-    def micro_batch(self, batch: StepBatch | None, idx: list[int]) -> dict:
-        """Rows idx of the batch; an all-padding single row when idx is empty (the rank has no
-        work for this micro-batch but must run the FSDP collectives)."""
+    def padded_rows(self, batch: StepBatch | None, idx: list[int]) -> dict:
+        """Rows idx of the padded layout; an all-padding single row when idx is empty (the rank has
+        no work for this micro-batch but must run the FSDP collectives)."""
         if batch is None or not idx:
             z = torch.zeros(1, 2, dtype=torch.long, device=self.device)
             mb = {k: z.clone() for k in MICRO_KEYS}
@@ -190,51 +197,56 @@ class Trainer:
         it = torch.tensor(idx)
         return {k: batch.tensors[k][it].to(self.device) for k in MICRO_KEYS}
 
-    def _micro_count(self, rows: int) -> int:
-        """Micro-batches of this pass: the same on every rank (FSDP collectives)."""
-        return int(all_max(cdiv(rows, self.cfg.micro_batch_size)))
+    def micro_batches(self, batch: StepBatch | None, tree_ids: list[int]) -> list[MicroBatch | None]:
+        """The micro-batches of these trees, padded with None (an empty micro-batch) to the same
+        count on every rank (FSDP collectives)."""
+        mbs = batch.micro_batches(tree_ids, self.cfg.micro_batch_tokens) if batch is not None and tree_ids else []
+        n = int(all_max(len(mbs)))
+        return mbs + [None] * (n - len(mbs))
 
     @torch.no_grad()
     def old_logprobs(self, batch: StepBatch | None) -> torch.Tensor | None:
         """logp_old [N, Lr] recomputed by the trained model (the sampler's are logged against it)."""
-        rows = batch.rows if batch is not None else 0
         old = torch.zeros_like(batch.mask) if batch is not None else None
-        mbs = self.cfg.micro_batch_size
-        for j in range(self._micro_count(rows)):
-            idx = list(range(j * mbs, min((j + 1) * mbs, rows)))
-            mb = self.micro_batch(batch, idx)
-            lp, _ = self.logprobs(self.model, mb)
-            if idx:
-                old[idx] = lp.float() * mb["response_mask"]
+        trees = list(range(len(batch.trees))) if batch is not None else []
+        for mb in self.micro_batches(batch, trees):
+            lp, _ = self.logprobs(self.model, batch, mb)
+            if mb is not None:
+                old[mb.rows] = lp.float().cpu() * batch.mask[mb.rows]
         return old
 
-    def update(self, batch: StepBatch | None, old_lp: torch.Tensor | None) -> dict:
+    def update(self, batch: StepBatch | None, old_lp: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
         """One optimizer step per mini-batch on the DAPO loss (token-mean over the mini-batch's
-        valid tokens on all ranks; FSDP's gradient averaging compensated)."""
+        valid tokens on all ranks; FSDP's gradient averaging compensated). old_lp None: on-policy
+        (one mini-batch), so logp_old is the update's own log-prob, detached. Returns (metrics,
+        the log-probs of the update's first forward [N, Lr] for the mismatch metric)."""
         cfg = self.cfg
-        rows = list(range(batch.rows if batch is not None else 0))
         acc, grad_norms, skipped = TokenWeighted(), [], 0
-        mbs = cfg.micro_batch_size
-        for mini in (rows[i::cfg.mini_batches] for i in range(cfg.mini_batches)):
-            token_count = max(token_count_for_step([batch.mask[mini]] if mini else []), 1)
+        first_lp = torch.zeros_like(batch.mask) if batch is not None else None
+        minis = batch.mini_batches(cfg.mini_batches) if batch is not None else [[]] * cfg.mini_batches
+        for mini in minis:
+            rows = [r for t in mini for r in batch.tree_rows[t]] if batch is not None else []
+            token_count = max(token_count_for_step([batch.mask[rows]] if rows else []), 1)
             self.optim.zero_grad(set_to_none=True)
-            for j in range(self._micro_count(len(mini))):
-                idx = mini[j * mbs:(j + 1) * mbs]
-                mb = self.micro_batch(batch, idx)
-                lp, ent = self.logprobs(self.model, mb)
-                if idx:
-                    a, lp_old = batch.token_advantages[idx], old_lp[idx]
+            for mb in self.micro_batches(batch, mini):
+                lp, ent = self.logprobs(self.model, batch, mb)
+                if mb is not None:
+                    mask = batch.mask[mb.rows].to(self.device)
+                    a = batch.token_advantages[mb.rows].to(self.device)
+                    lp_old = old_lp[mb.rows].to(self.device) if old_lp is not None else lp.detach()
+                    first_lp[mb.rows] = lp.detach().float().cpu() * batch.mask[mb.rows]
                 else:
+                    mask = torch.zeros_like(lp)
                     a, lp_old = torch.zeros_like(lp), lp.detach()
                 lp_ref = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        lp_ref, _ = self.logprobs(self.ref_model, mb)
-                loss, met = policy_loss(lp, lp_old, a, mb["response_mask"].float(), eps_low=cfg.eps_low,
+                        lp_ref, _ = self.logprobs(self.ref_model, batch, mb)
+                loss, met = policy_loss(lp, lp_old, a, mask, eps_low=cfg.eps_low,
                                         eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, token_count=token_count,
                                         logp_ref=lp_ref, kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=ent)
                 (loss * self.world).backward()  # FSDP averages gradients over ranks; we want the sum
-                acc.add(met, float(mb["response_mask"].sum()))
+                acc.add(met, float(mask.sum()))
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             if torch.isfinite(gn):
@@ -248,7 +260,7 @@ class Trainer:
         m["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         m["actor/skipped_steps"] = skipped
         m["actor/lr"] = lr
-        return m
+        return m, first_lp
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -259,10 +271,13 @@ class Trainer:
         batch = self.prepare(rollout)
         timing["adv"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        old_lp = self.old_logprobs(batch)
+        # on-policy (one mini-batch, one epoch): logp_old is the update's log-prob detached, the
+        # weights being those that sampled; with several mini-batches the old pass is needed
+        old_lp = self.old_logprobs(batch) if cfg.mini_batches > 1 else None
         timing["old_log_prob"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        m = self.update(batch, old_lp)
+        with PeakMemory(self.device) as peak:
+            m, first_lp = self.update(batch, old_lp)
         timing["update"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.sync_engine()
@@ -270,30 +285,12 @@ class Trainer:
         self.step += 1
         N = batch.rows if batch is not None else 0
         m |= rollout_metrics(rollout.stats, len(rollout.groups), N, cfg.max_response_len)
-        m |= self._batch_metrics(batch, old_lp)
+        m |= batch_metrics(batch, old_lp if old_lp is not None else first_lp)
+        m |= packing_metrics(batch)
+        m["perf/update_peak_mem_gb"] = all_max(peak.peak_gb)
         timing["step"] = time.perf_counter() - t_step
         m |= timing_metrics(timing)
         m["perf/tokens_per_s"] = m["sampling/tokens_processed"] / max(m["timing/step"], 1e-9)
-        return m
-
-    @staticmethod
-    def _batch_metrics(batch: StepBatch | None, old_lp: torch.Tensor | None) -> dict:
-        """adv/mean, adv/std (per leaf, before whitening) and the sampler-vs-trainer log-prob gap
-        (mean |difference| per response token), over all ranks (collectives)."""
-        adv = batch.advantages.double() if batch is not None else torch.zeros(0, dtype=torch.float64)
-        n, s, sq = (all_reduce_scalar(x) for x in (adv.numel(), float(adv.sum()), float((adv * adv).sum())))
-        m = {}
-        if n:
-            mean = s / n
-            m["adv/mean"] = mean
-            m["adv/std"] = math.sqrt(max(sq - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 0.0
-        gap, tokens = 0.0, 0.0
-        if batch is not None:
-            valid = batch.mask.bool()
-            gap, tokens = float((batch.sampler_logprobs[valid] - old_lp[valid]).abs().sum()), float(valid.sum())
-        gap, tokens = all_reduce_scalar(gap), all_reduce_scalar(tokens)
-        if tokens:
-            m["mismatch/sampler_vs_trainer_logp"] = gap / tokens
         return m
 
     # ------------------------------------------------------------------ eval / save / loop
