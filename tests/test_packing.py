@@ -129,3 +129,19 @@ def test_bad_trees_are_clear_errors_naming_the_tree():
     orphan.nodes[1].parent = 99
     with pytest.raises(ValueError, match="node 1's parent 99"):
         pack_trees([orphan])
+
+
+def test_the_docs_example():
+    """docs/training.md section 10's picture: prompt p0-p2; A = a0 a1 with children C = c0 c1 and
+    D = d0; B = b0 under the prompt."""
+    t = build_tree([10, 11, 12], [(0, [20, 21], False), (1, [30, 31], False), (1, [40], False),
+                                  (0, [50], False)], random.Random(0))
+    pb = pack_trees([t])
+    assert pb.input_ids.tolist() == [10, 11, 12, 20, 21, 30, 31, 40, 50]
+    assert pb.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 5, 3]
+    assert pb.visible_end.tolist() == [9, 9, 9, 8, 8, 7, 7, 8, 9]
+    assert pb.pred_index.tolist() == [2, 3, 4, 5, 4, 2]  # a0<-p2 a1<-a0 c0<-a1 c1<-c0 d0<-a1 b0<-p2
+    assert pb.pair_unique.tolist() == [0, 1, 2, 3, 0, 1, 4, 5]
+    assert (pb.tokens, pb.leaf_tokens) == (9, 17)
+    assert pb.mask()[7].tolist() == [1, 1, 1, 1, 1, 0, 0, 1, 0]  # d0 sees p, a; not C
+    assert pb.mask()[8].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 1]  # b0 sees only the prompt

@@ -22,7 +22,7 @@ def flags(model, task, out, **kw):
                 leaves=4, segment_len=4, max_depth=3, branch_factor=2, max_response_len=12,
                 engine_dtype="float32", lr=3e-3, warmup_steps=1, eval_every=0, eval_n=1, eval_max_tokens=4,
                 eval_gsm8k=False, save_every=0, export_hf=False, dynamic_sampling=False,
-                reward_fn="trainer_fixtures:even_token_reward", micro_batch_size=4)
+                reward_fn="trainer_fixtures:even_token_reward", micro_batch_tokens=64)
     base.update(kw)
     out = []
     for k, v in base.items():
@@ -58,7 +58,7 @@ def metrics(out):
 def test_learns_a_trivial_reward(tiny, tmp_path, mode):
     model, task = tiny
     out = str(tmp_path / mode)
-    run(flags(model, task, out, steps=10, mode=mode, lr=2e-2, leaves=8, micro_batch_size=16))
+    run(flags(model, task, out, steps=10, mode=mode, lr=2e-2, leaves=8, micro_batch_tokens=256))
     recs = [r for r in metrics(out) if "reward/mean" in r]
     first, last = recs[0]["reward/mean"], sum(r["reward/mean"] for r in recs[-2:]) / 2
     assert last > first + 0.4, [round(r["reward/mean"], 3) for r in recs]
@@ -119,6 +119,25 @@ def test_fsdp_two_processes_match_one(tiny, tmp_path):
     assert [r["eval/heldout/problems"] for r in ev_two] == [r["eval/heldout/problems"] for r in ev_one] == [4, 4]
     for r1, r2 in zip(ev_one, ev_two):
         assert sorted(r1) == sorted(r2)
+
+
+def test_two_steps_with_packing_equal_two_without(tiny, tmp_path):
+    """The default packing (tree) and prompt packing train as the padded rows do: same samples,
+    same losses and gradient norms, while computing fewer tokens."""
+    runs = {}
+    for packing in ("none", "prompt", "tree"):
+        out = str(tmp_path / packing)
+        run(flags(*tiny, out, steps=2, packing=packing))
+        runs[packing] = [r for r in metrics(out) if "actor/pg_loss" in r]
+    for packing in ("prompt", "tree"):
+        assert len(runs[packing]) == len(runs["none"]) == 2
+        for a, b in zip(runs["none"], runs[packing]):
+            assert b["reward/mean"] == pytest.approx(a["reward/mean"], abs=1e-6)  # same samples
+            for k in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "adv/std",
+                      "mismatch/sampler_vs_trainer_logp", "packing/unique_tokens", "packing/leaf_tokens"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (packing, k)
+    t, p, n = (runs[k][0]["packing/forward_tokens"] for k in ("tree", "prompt", "none"))
+    assert t < p < n and runs["tree"][0]["packing/padding_avoided"] == n - t
 
 
 @pytest.fixture(scope="module")
