@@ -102,17 +102,21 @@ def _trees(seed: int):
     return [random_tree(rng, kind) for kind in KINDS]
 
 
-def _dense_leaf_logprobs(model, trees):
-    """Per leaf in batch order: (logp [L], entropy [L]) of its response from a plain dense forward of
-    prompt + response and the full log-softmax."""
+def _dense_leaves(model, trees):
+    """A plain dense forward of every leaf's prompt + response (one right-padded [n_leaves, L] batch)
+    and the full log-softmax: per leaf (logp [L], entropy [L]) of its response, with grad."""
+    rows = [(t.prompt_token_ids, list(leaf.token_ids)) for t in trees for leaf in t.leaves]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), 2)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(rows):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, :len(p) + len(r)] = 1
+    lsm = torch.log_softmax(model.logits(model(ids, attention_mask=mask)).float(), -1)  # [n, width, V]
     out = []
-    with torch.no_grad():
-        for t in trees:
-            for leaf in t.leaves:
-                P, L = len(t.prompt_token_ids), len(leaf.token_ids)
-                ids = torch.tensor(t.prompt_token_ids + list(leaf.token_ids))
-                lsm = torch.log_softmax(model.logits(model(ids[None]))[0].float(), -1)[P - 1:P - 1 + L]
-                out.append((lsm.gather(-1, ids[P:, None])[:, 0], -(lsm.exp() * lsm).sum(-1)))
+    for i, (p, r) in enumerate(rows):
+        x = lsm[i, len(p) - 1:len(p) - 1 + len(r)]
+        out.append((x.gather(-1, torch.tensor(r)[:, None])[:, 0], -(x.exp() * x).sum(-1)))
     return out
 
 
@@ -131,10 +135,10 @@ def test_packed_forward_equals_dense_per_leaf(family, share):
         batch = pack_trees(trees, share)
         with torch.no_grad():
             logp, ent = _packed_scores(model, batch)
+            dense = _dense_leaves(model, trees)
         assert logp.shape == ent.shape == batch.labels.shape
         width = max(len(lf.token_ids) for t in trees for lf in t.leaves)
         lp_rows, ent_rows = batch.scatter(logp, width), batch.scatter(ent, width)
-        dense = _dense_leaf_logprobs(model, trees)
         assert len(dense) == batch.n_leaves
         for r, (lp, en) in enumerate(dense):
             L = lp.shape[0]
@@ -166,14 +170,7 @@ def test_packed_gradient_equals_dense(family):
     (batch.scatter(logp, 64) * w).sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    r = 0
-    for t in trees:
-        for leaf in t.leaves:
-            P, L = len(t.prompt_token_ids), len(leaf.token_ids)
-            ids = torch.tensor(t.prompt_token_ids + list(leaf.token_ids))
-            lp, _ = model(ids[None], labels=ids[None, P:], label_start=P)
-            (lp[0] * w[r, :L]).sum().backward()
-            r += 1
+    sum(((lp * w[r, :lp.shape[0]]).sum() for r, (lp, _) in enumerate(_dense_leaves(model, trees)))).backward()
     for n, p in model.named_parameters():
         assert_close(got[n], p.grad, atol=1e-4, what=f"{family} d{n}")
     model.zero_grad()
