@@ -1,4 +1,5 @@
-"""DAPO-family policy loss and the log-prob helpers it needs (docs/algorithm.md section 3).
+"""DAPO-family policy loss (docs/algorithm.md section 3); the log-prob helpers it needs live in
+treepo/logprobs.py and are re-exported here.
 
 TreePO (arXiv 2508.17445) trains with the DAPO objective (arXiv 2503.14476): PPO's clipped
 surrogate with decoupled clip ranges ("clip-higher", eps_low 0.2 / eps_high 0.28), the dual clip
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
+
+from treepo.logprobs import entropy_from_logits, selective_logprobs
 
 __all__ = ["policy_loss", "selective_logprobs", "entropy_from_logits", "token_count_for_step"]
 
@@ -118,85 +120,6 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Te
             loss = loss + kl_coef * (kl * m).sum() / count
         metrics["kl"] = _masked_mean(kl.detach(), m)
     return loss, {k: v.detach().float() for k, v in metrics.items()}
-
-
-# ---------------------------------------------------------------------------- log-probs
-
-class _SelectiveLogProbs(torch.autograd.Function):
-    """log_softmax(logits)[label] per row, fp32, in chunks; backward recomputes softmax per chunk,
-    so neither pass holds a full [rows, V] fp32 tensor (only logits themselves are kept)."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, chunk):
-        V = logits.shape[-1]
-        flat = logits.reshape(-1, V)
-        lab = labels.reshape(-1)
-        valid = lab >= 0
-        safe = torch.where(valid, lab, torch.zeros_like(lab))
-        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
-        for s in range(0, flat.shape[0], chunk):
-            x = flat[s:s + chunk].float()  # [c, V]
-            lse[s:s + chunk] = torch.logsumexp(x, -1)
-            out[s:s + chunk] = x.gather(1, safe[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
-        out = torch.where(valid, out, torch.zeros_like(out))
-        ctx.save_for_backward(logits, safe, valid, lse)
-        ctx.chunk = chunk
-        return out.view(labels.shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        logits, safe, valid, lse = ctx.saved_tensors
-        V = logits.shape[-1]
-        flat = logits.reshape(-1, V)
-        g = torch.where(valid, grad_out.reshape(-1).float(), torch.zeros_like(lse))  # [rows]
-        grad = torch.empty(flat.shape, dtype=logits.dtype, device=logits.device)
-        for s in range(0, flat.shape[0], ctx.chunk):
-            e = s + ctx.chunk
-            p = torch.exp(flat[s:e].float() - lse[s:e, None])  # softmax [c, V]
-            gc = -p * g[s:e, None]
-            gc.scatter_add_(1, safe[s:e, None], g[s:e, None])  # d/dx_j (x_y - lse) = [j = y] - p_j
-            grad[s:e] = gc.to(logits.dtype)
-        return grad.view(logits.shape), None, None
-
-
-def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Log-prob of each label: log_softmax(logits.float(), -1).gather(-1, labels), without a full
-    log-softmax (docs/training.md section 4; TRL #3678).
-
-    logits [B, T, V] (any float dtype; any leading dims), labels [B, T] integer in [0, V) or
-    negative (ignored: log-prob 0, no gradient) -> [B, T] float32. Rows (B*T) are processed
-    `chunk` at a time in fp32, forward and backward (a custom autograd function recomputes the
-    softmax per chunk), so peak extra memory is O(chunk * V) beyond the logits and their grad.
-    """
-    if logits.dim() < 2 or tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"selective_logprobs: labels {tuple(labels.shape)} must match logits "
-                         f"{tuple(logits.shape)} without its last (vocab) dim")
-    if labels.dtype.is_floating_point:
-        raise ValueError(f"selective_logprobs: labels must be integer token ids, got {labels.dtype}")
-    if chunk < 1:
-        raise ValueError(f"selective_logprobs: chunk={chunk} must be >= 1")
-    return _SelectiveLogProbs.apply(logits, labels.long(), chunk)
-
-
-def entropy_from_logits(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, fp32, computed `chunk` rows at a time.
-
-    logits [B, T, V] (any leading dims) -> [B, T] float32: H = logsumexp(x) - sum softmax(x) x.
-    Differentiable; for logging call it under torch.no_grad() (then nothing is kept per chunk).
-    """
-    if logits.dim() < 1:
-        raise ValueError(f"entropy_from_logits: logits must have a vocab dim, got {tuple(logits.shape)}")
-    if chunk < 1:
-        raise ValueError(f"entropy_from_logits: chunk={chunk} must be >= 1")
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = []
-    for s in range(0, flat.shape[0], chunk):
-        x = flat[s:s + chunk].float()
-        parts.append(torch.logsumexp(x, -1) - (torch.softmax(x, -1) * x).sum(-1))
-    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
-    return out.view(logits.shape[:-1])
 
 
 # ---------------------------------------------------------------------------- token count

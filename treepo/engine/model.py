@@ -6,7 +6,9 @@ transformers' cache classes do not express. Parameter names equal transformers' 
 directory loads (and exports) with no renaming; parity with transformers' logits is a test.
 
 One forward serves two callers:
-- training / scoring: `model(input_ids[B, T], attention_mask=None)` is a dense causal forward;
+- training / scoring: `model(input_ids[B, T], attention_mask=None)` is a dense causal forward, and
+  `model(input_ids[T], positions[T], attn=TreeAttention(...))` a forward over packed trees
+  (treepo/train/batch.py, treepo/train/tree_attention.py);
 - the engine: `model(input_ids[T], positions[T], attn=PagedAttention(...))` over a flat batch of
   new tokens of many sequences, whose attention reads and writes the paged KV cache.
 Both return final hidden states; `model.logits(hidden)` applies the LM head (so the engine only
@@ -166,12 +168,17 @@ class CausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, positions=None, attn=None, attention_mask=None, labels=None, label_start=None):
+    def forward(self, input_ids, positions=None, attn=None, attention_mask=None, labels=None, label_start=None,
+                label_positions=None):
         """Final hidden states, same leading shape as input_ids ([B, T] dense or [T] flat).
 
-        Scoring mode (training): with labels [B, R] and label_start s, returns (logp [B, R] fp32,
-        entropy [B, R] fp32, detached) of labels[:, j] predicted at position s - 1 + j - computed
-        inside forward so FSDP has the LM head's weights gathered."""
+        Scoring modes (training) return (logp fp32, entropy fp32 detached) of labels under the LM head,
+        computed inside forward so FSDP has the head's weights gathered, by `linear_logprobs` (no full
+        [rows, V] logits):
+        - dense: labels [B, R] and label_start s -> [B, R]; labels[:, j] is predicted at position
+          s - 1 + j;
+        - packed: flat input_ids [T], positions [T], attn (a TreeAttention), labels [U] and
+          label_positions [U] -> [U]; labels[u] is predicted by the hidden state at label_positions[u]."""
         if attn is None:
             if positions is None:
                 T = input_ids.shape[-1]
@@ -184,15 +191,21 @@ class CausalLM(nn.Module):
         x = self.model.norm(x)
         if labels is None:
             return x
-        from treepo.losses import entropy_from_logits, selective_logprobs
+        from treepo.logprobs import linear_logprobs
 
-        R = labels.shape[1]
-        h = x[:, label_start - 1: label_start - 1 + R]  # [B, R, H]
-        logits = self.lm_head(h)  # [B, R, V] in the model's dtype; fp32 only chunk by chunk below
-        logp = selective_logprobs(logits, labels)
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits)
-        return logp, entropy
+        if label_positions is not None:
+            if label_start is not None or input_ids.dim() != 1 or labels.shape != label_positions.shape:
+                raise ValueError(f"packed scoring takes flat input_ids [T] (got {tuple(input_ids.shape)}), labels "
+                                 f"[U] and label_positions [U] (got {tuple(labels.shape)}, "
+                                 f"{tuple(label_positions.shape)}) and no label_start (got {label_start})")
+            h = x[label_positions]  # [U, H]
+        else:
+            if label_start is None or labels.dim() != 2:
+                raise ValueError(f"dense scoring takes labels [B, R] (got {tuple(labels.shape)}) and label_start "
+                                 f"(got {label_start}); packed scoring takes label_positions")
+            R = labels.shape[1]
+            h = x[:, label_start - 1: label_start - 1 + R]  # [B, R, H]
+        return linear_logprobs(h, self.lm_head.weight, labels)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

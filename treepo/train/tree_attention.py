@@ -1,0 +1,182 @@
+"""Attention over packed trees (treepo/train/batch.py): the model's `attn` for a training forward.
+
+`pack_trees` lays every unique token of a micro-batch's trees out once in one flat sequence; key j
+is visible to query i iff j <= i < visible_end[j] (docs/training.md section 10). `TreeAttention`
+is what `CausalLM.forward(input_ids [T], positions [T], attn=TreeAttention(batch), ...)` calls in
+every layer; it is differentiable (training forward and backward) and every impl equals
+`tree_attention_ref`, one SDPA over the whole sequence with the dense [T, T] mask.
+
+Impls (`IMPLS`):
+- "per_tree": one SDPA per tree with its own [n, n] slice of the mask. Attention never crosses
+  `seq_offsets` (visible_end[j] never passes the end of j's tree), so the dense mask is block
+  diagonal and a micro-batch of S trees of n tokens does S n^2 work instead of (S n)^2.
+- "dense": the reference's one SDPA over the micro-batch with the [T, T] mask.
+- "per_tree_bf16": "per_tree" with q, k, v rounded to bf16 (output back in q's dtype).
+- "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask built from
+  visible_end, so fully masked 128 x 128 tiles are skipped. torch 2.13 has no FlexAttention
+  backward on a CPU (its forward compiles through inductor's C++ template): on a CPU it serves
+  no-grad forwards only (e.g. recomputing the old policy's log-probs) and raises otherwise.
+
+The default is "per_tree", by measurement (bench/bench_tree_attention.py;
+bench/results/2026-12-02_cpu2_bench_tree_attention.txt): on the 2-core CPU, fwd + bwd of one
+layer (SmolLM2-135M heads, fp32, ~4096-token micro-batches of ~760-token trees) it is about 5x
+faster than "dense", which spends most of its time on the masked-out (S n)^2 - S n^2 scores.
+bf16 per tree is no faster on this CPU (no AVX512-BF16 path for the masked SDPA backward) and
+changes the numerics; compiled flex's forward is slower than per-tree SDPA's forward here and
+takes tens of seconds to compile per new length.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("gathered", "per_tree", "dense", "per_tree_bf16", "flex")
+DEFAULT_IMPL = "gathered"
+GATHER_BLOCK = 64  # queries per block of "gathered" (32 and 128 were slower on the 2-core CPU)
+FLEX_BLOCK = 128  # FlexAttention's tile (tokens) on both axes
+
+
+def tree_mask(visible_end: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """[n, n] bool, mask[a, b] = query start + a sees key start + b, for packed indices start..end."""
+    end = visible_end.shape[0] if end is None else end
+    i = torch.arange(start, end, device=visible_end.device)
+    return (i[None, :] <= i[:, None]) & (i[:, None] < visible_end[None, start:end])
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [n, Hq, D], k/v [n, Hkv, D], mask [n, n] bool -> [n, Hq, D] (GQA when Hkv < Hq)."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return o[0].transpose(0, 1)
+
+
+def gather_plan(visible_end: torch.Tensor, block: int = GATHER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """For "gathered": (keys [nb, K] packed key indices, mask [nb, 1, block, K] bool) of nb = ceil(T /
+    block) consecutive query blocks. Block b's keys are every j that some query of it may see
+    (j < its end and visible_end[j] > its start), ascending, padded to the longest list K with
+    index 0 masked out; mask is the exact visibility test. Query rows past T (the last block's
+    padding) see one key, so no row of the SDPA is empty (their output is dropped)."""
+    T = visible_end.shape[0]
+    dev = visible_end.device
+    nb = -(-T // block)
+    s = torch.arange(nb, device=dev) * block  # [nb] block starts
+    e = (s + block).clamp(max=T)
+    j = torch.arange(T, device=dev)
+    cand = (j[None] < e[:, None]) & (visible_end[None] > s[:, None])  # [nb, T]
+    K = int(cand.sum(1).max())
+    keys = torch.where(cand, j[None], T).sort(1).values[:, :K]  # [nb, K], T = padding
+    real = keys < T
+    keys = keys.clamp(max=T - 1)
+    qi = s[:, None] + torch.arange(block, device=dev)[None]  # [nb, block] query indices
+    mask = (keys[:, None, :] <= qi[:, :, None]) & (qi[:, :, None] < visible_end[keys][:, None, :]) \
+        & real[:, None, :]  # [nb, block, K]
+    mask[:, :, 0] |= qi >= T
+    return keys, mask[:, None]
+
+
+def _gathered(q, k, v, keys, mask):
+    """q [T, Hq, D], k/v [T, Hkv, D], (keys, mask) from gather_plan -> [T, Hq, D]: one batched SDPA
+    over the query blocks, each against its gathered keys."""
+    T, H, D = q.shape
+    nb, _, block, _ = mask.shape
+    qb = F.pad(q, (0, 0, 0, 0, 0, nb * block - T)).view(nb, block, H, D).transpose(1, 2)  # [nb, Hq, block, D]
+    kb, vb = (t[keys].transpose(1, 2) for t in (k, v))  # [nb, Hkv, K, D]
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=H != k.shape[1])
+    return o.transpose(1, 2).reshape(nb * block, H, D)[:T]
+
+
+def _check_qkv(q, k, v, T: int, who: str):
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != T or k.shape[0] != T \
+            or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{who}: need q [T, Hq, D], k and v [T, Hkv, D] with T = {T} packed tokens and "
+                         f"Hkv dividing Hq; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible_end: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch reference: q [T, Hq, D], k/v [T, Hkv, D], visible_end [T] -> [T, Hq, D], one SDPA
+    with the dense [T, T] mask (key j visible to query i iff j <= i < visible_end[j])."""
+    _check_qkv(q, k, v, visible_end.shape[0], "tree_attention_ref")
+    return _sdpa(q, k, v, tree_mask(visible_end))
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class TreeAttention:
+    """The model's `attn(layer_idx, q, k, v)` for a flat packed forward: q [T, Hq, D], k/v [T, Hkv, D]
+    -> [T, Hq, D]. Build once per micro-batch (the masks are shared by every layer):
+    `TreeAttention.from_batch(batch)` or `TreeAttention(visible_end [T], seq_offsets [S + 1])`, on
+    the device the forward runs on. seq_offsets None means one tree spanning all T tokens."""
+
+    def __init__(self, visible_end: torch.Tensor, seq_offsets: torch.Tensor | None = None,
+                 impl: str = DEFAULT_IMPL):
+        if impl not in IMPLS:
+            raise ValueError(f"TreeAttention: impl={impl!r}; valid: {', '.join(IMPLS)}")
+        if visible_end.dim() != 1 or visible_end.dtype.is_floating_point or visible_end.shape[0] == 0:
+            raise ValueError(f"TreeAttention: visible_end must be a non-empty integer [T] tensor, got "
+                             f"{visible_end.dtype} {tuple(visible_end.shape)}")
+        T = visible_end.shape[0]
+        if seq_offsets is None:
+            seq_offsets = torch.tensor([0, T])
+        offs = [int(x) for x in seq_offsets.tolist()]
+        if len(offs) < 2 or offs[0] != 0 or offs[-1] != T or any(b <= a for a, b in zip(offs, offs[1:])):
+            raise ValueError(f"TreeAttention: seq_offsets {offs[:8]}{'...' if len(offs) > 8 else ''} must rise "
+                             f"strictly from 0 to T = {T}")
+        idx = torch.arange(T, device=visible_end.device)
+        tree_end = torch.tensor(offs[1:], device=visible_end.device).repeat_interleave(
+            torch.tensor([b - a for a, b in zip(offs, offs[1:])], device=visible_end.device))
+        bad = (visible_end <= idx) | (visible_end > tree_end)
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            raise ValueError(f"TreeAttention: visible_end[{j}] = {int(visible_end[j])}; it must lie in "
+                             f"({j}, {int(tree_end[j])}] (past the key itself, within its tree)")
+        self.visible_end, self.offsets, self.impl, self.tokens = visible_end, offs, impl, T
+        if impl == "gathered":
+            self.keys, self.mask = gather_plan(visible_end)
+        elif impl in ("per_tree", "per_tree_bf16"):
+            self.masks = [tree_mask(visible_end, a, b) for a, b in zip(offs, offs[1:])]
+        elif impl == "dense":
+            self.mask = tree_mask(visible_end)
+        else:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            ve = visible_end
+
+            def visible(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx < ve[kv_idx])
+
+            self.block_mask = create_block_mask(visible, None, None, T, T, device=ve.device,
+                                                BLOCK_SIZE=FLEX_BLOCK)
+
+    @classmethod
+    def from_batch(cls, batch, impl: str = DEFAULT_IMPL) -> "TreeAttention":
+        """From a PackedBatch (already on the forward's device)."""
+        return cls(batch.visible_end, batch.seq_offsets, impl)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _check_qkv(q, k, v, self.tokens, "TreeAttention")
+        if self.impl == "gathered":
+            return _gathered(q, k, v, self.keys, self.mask)
+        if self.impl == "dense":
+            return _sdpa(q, k, v, self.mask)
+        if self.impl == "flex":
+            return self._flex(q, k, v)
+        cast = torch.bfloat16 if self.impl == "per_tree_bf16" else q.dtype
+        sizes = [b - a for a, b in zip(self.offsets, self.offsets[1:])]
+        parts = zip(*(t.to(cast).split(sizes) for t in (q, k, v)))  # split's backward is one cat
+        outs = [_sdpa(qs, ks, vs, m) for (qs, ks, vs), m in zip(parts, self.masks)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(q.dtype)
+
+    def _flex(self, q, k, v):
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("TreeAttention impl='flex' has no backward on a CPU in this torch "
+                             f"({torch.__version__}); use it under torch.no_grad() or take impl='per_tree'")
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D]
+        o = _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return o[0].transpose(0, 1)
