@@ -178,7 +178,7 @@ class Trainer:
                 return model(t["input_ids"], t["position_ids"], attention_mask=t["attention_mask"],
                              labels=t["responses"], label_start=Lp)
             p = mb.packed if mb.packed.input_ids.device == self.device else mb.packed.to(self.device)
-            lp, ent = model(p.input_ids, p.position_ids, attn=TreeAttention(p), labels=p.labels,
+            lp, ent = model(p.input_ids, p.position_ids, attn=TreeAttention.from_batch(p), labels=p.labels,
                             label_positions=p.pred_index)
         width = batch.mask.shape[1]
         return p.scatter(lp, width), p.scatter(ent, width)
