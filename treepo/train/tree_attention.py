@@ -2,7 +2,7 @@
 
 `pack_trees` lays every unique token of a micro-batch's trees out once in one flat sequence; key j
 is visible to query i iff j <= i < visible_end[j] (see batch.py's module doc). `TreeAttention`
-is what `CausalLM.forward(input_ids [T], positions [T], attn=TreeAttention(batch), ...)` calls in
+is what `CausalLM.forward(input_ids [T], positions [T], attn=TreeAttention.from_batch(batch), ...)` calls in
 every layer; it is differentiable (training forward and backward) and every impl equals
 `tree_attention_ref`, one SDPA over the whole sequence with the dense [T, T] mask.
 
