@@ -1,29 +1,41 @@
 """Attention over packed trees (treepo/train/batch.py): the model's `attn` for a training forward.
 
 `pack_trees` lays every unique token of a micro-batch's trees out once in one flat sequence; key j
-is visible to query i iff j <= i < visible_end[j] (docs/training.md section 10). `TreeAttention`
-is what `CausalLM.forward(input_ids [T], positions [T], attn=TreeAttention(batch), ...)` calls in
+is visible to query i iff j <= i < visible_end[j] (see batch.py's module doc). `TreeAttention`
+is what `CausalLM.forward(input_ids [T], positions [T], attn=TreeAttention.from_batch(batch), ...)` calls in
 every layer; it is differentiable (training forward and backward) and every impl equals
 `tree_attention_ref`, one SDPA over the whole sequence with the dense [T, T] mask.
 
 Impls (`IMPLS`):
+- "gathered" (default): the queries in blocks of GATHER_BLOCK = 64 consecutive packed tokens; each
+  block gathers only the keys some query of it can see (its ancestors' segments and its own
+  node's prefix, `gather_plan`), padded to the longest such list K, and one batched SDPA runs
+  over all blocks with the exact mask re-indexed to [64, K]. Work is T x K (K ~ 240 for the
+  trees below) instead of a tree's n^2 - the tree's sparsity, not only its block diagonal.
 - "per_tree": one SDPA per tree with its own [n, n] slice of the mask. Attention never crosses
   `seq_offsets` (visible_end[j] never passes the end of j's tree), so the dense mask is block
-  diagonal and a micro-batch of S trees of n tokens does S n^2 work instead of (S n)^2.
+  diagonal and S trees of n tokens cost S n^2 instead of (S n)^2.
 - "dense": the reference's one SDPA over the micro-batch with the [T, T] mask.
 - "per_tree_bf16": "per_tree" with q, k, v rounded to bf16 (output back in q's dtype).
 - "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask built from
   visible_end, so fully masked 128 x 128 tiles are skipped. torch 2.13 has no FlexAttention
   backward on a CPU (its forward compiles through inductor's C++ template): on a CPU it serves
-  no-grad forwards only (e.g. recomputing the old policy's log-probs) and raises otherwise.
+  no-grad forwards only (e.g. recomputing the old policy's log-probs) and raises otherwise; on a
+  GPU it is the natural choice (not measured yet).
 
-The default is "per_tree", by measurement (bench/bench_tree_attention.py;
-bench/results/2026-12-02_cpu2_bench_tree_attention.txt): on the 2-core CPU, fwd + bwd of one
-layer (SmolLM2-135M heads, fp32, ~4096-token micro-batches of ~760-token trees) it is about 5x
-faster than "dense", which spends most of its time on the masked-out (S n)^2 - S n^2 scores.
-bf16 per tree is no faster on this CPU (no AVX512-BF16 path for the masked SDPA backward) and
-changes the numerics; compiled flex's forward is slower than per-tree SDPA's forward here and
-takes tens of seconds to compile per new length.
+Why "gathered" is the default - measured on the 2-core AMD EPYC without AVX512
+(bench/bench_tree_attention.py; bench/results/2026-12-02_cpu2_noavx512_bench_tree_attention.txt),
+one layer of SmolLM2-135M heads (H_q 9, H_kv 3, d 64), fp32, fwd + bwd, ms:
+
+    micro-batch                                      gathered  per_tree  dense  per_tree_bf16
+    5 trees (60 + 4 x 32 tokens, 8 leaves), T 3820      356      1060     2640      3507
+    3 groups (60 + 8 x 128 tokens), T 3252              272       907     1819      3920
+
+gathered is 3-4x faster than per_tree and 7x faster than dense, with the same fp32 numerics
+(max |diff| to the reference ~7e-7). Its plan (gather_plan) takes ~0.1 s per micro-batch, shared
+by all layers. bf16 is slower on this CPU (no native bf16 path for the masked SDPA backward) and
+rounds the inputs. Compiled flex, forward only: 215 / 176 ms (gathered: 94 / 67), after 29 s of
+compiling (8.8 s again for each new T).
 """
 from __future__ import annotations
 
@@ -176,7 +188,9 @@ class TreeAttention:
     def _flex(self, q, k, v):
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError("TreeAttention impl='flex' has no backward on a CPU in this torch "
-                             f"({torch.__version__}); use it under torch.no_grad() or take impl='per_tree'")
+                             f"({torch.__version__}); use it under torch.no_grad() or take impl='gathered'")
+        if q.device.type == "cpu":  # flex refuses inputs that require grad there, even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D]
         o = _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
         return o[0].transpose(0, 1)
