@@ -180,7 +180,7 @@ def main():
     print(f"{args.prompts} prompts x {args.leaves} leaves, split {args.split}, {args.steps} steps, seed {args.seed}; "
           f"micro_batch_tokens {args.micro_batch_tokens}, autocast {args.autocast}, engine_dtype {args.engine_dtype} "
           "(None: the trainer's default)")
-    print_table(rows, COLS)
+    print_table([{c: "n/a" if r.get(c) is None else r[c] for c in COLS} for r in rows], COLS)
     for r in rows:
         if "error" in r:
             print(f"run {r['mode']}+{r['packing']} failed: {r['error']}")
