@@ -14,7 +14,10 @@ packing name "default" passes no --packing flag (the trainer's own default; also
 trainer that predates the flag). Derived columns:
   train_s     old_log_prob + update seconds (the phases packing speeds up);
   speedup     train_s of the same mode with packing none / this run's train_s;
-  ideal       packing/ideal_ratio (leaf tokens / unique tokens); 1 for packing none;
+  ideal       leaf tokens / the tokens this packing computes (packing/leaf_tokens / packing/forward_tokens:
+              for "tree" packing/ideal_ratio, leaf / unique tokens); 1 for packing none;
+  tok_ratio   padded tokens / computed tokens: the token saving against the "none" run itself, padding
+              included (>= ideal);
   of_ideal    speedup / ideal: the share of the token saving that became time saved;
   step_less   1 - step / step of the DAPO baseline (sequential + none);
   rss_rel, mem_rel   peak RSS and perf/update_peak_mem_gb relative to the baseline's.
@@ -36,11 +39,13 @@ PACKINGS = ("none", "prompt", "tree")
 PHASES = ["timing/gen", "timing/old_log_prob", "timing/adv", "timing/update", "timing/weight_sync", "timing/step"]
 METRICS = PHASES + ["sampling/tokens_processed", "response/len_mean", "packing/unique_tokens",
                     "packing/leaf_tokens", "packing/ideal_ratio", "packing/padding_avoided",
-                    "perf/update_peak_mem_gb"]
+                    "packing/forward_tokens", "packing/padded_tokens", "perf/update_peak_mem_gb",
+                    "perf/update_mem_growth_gb"]
 BASELINE = ("sequential", "none")
 TARGETS = {"of_ideal": 0.8, "step_less": 0.4, "mem_rel": 0.5}
 COLS = ["mode", "packing", "gen", "old_log_prob", "update", "step", "train_s", "unique_tokens", "leaf_tokens",
-        "ideal", "speedup", "of_ideal", "step_less", "peak_rss_gb", "rss_rel", "update_peak_mem_gb", "mem_rel"]
+        "forward_tokens", "ideal", "tok_ratio", "speedup", "of_ideal", "step_less", "peak_rss_gb", "rss_rel",
+        "update_peak_mem_gb", "update_mem_growth_gb", "mem_rel"]
 
 
 def train_cmd(mode: str, packing: str, args, out: str) -> list[str]:
@@ -116,7 +121,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     base = ref_of(BASELINE[0])
     for r in ok:
         ref = ref_of(r["mode"])
-        r["ideal"] = 1.0 if r is ref or r["packing"] == "none" else r.get("ideal_ratio")
+        r["ideal"] = 1.0 if r is ref or r["packing"] == "none" else _ratio(r.get("leaf_tokens"),
+                                                                            r.get("forward_tokens"))
+        r["tok_ratio"] = _ratio(r.get("padded_tokens"), r.get("forward_tokens"))
         r["speedup"] = _ratio(ref["train_s"], r["train_s"]) if ref else None
         r["of_ideal"] = _ratio(r["speedup"], r["ideal"])
         if base is not None:

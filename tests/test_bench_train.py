@@ -17,7 +17,8 @@ def _recs(step, old, update, unique=None, leaf=None, mem=None):
         r = {"step": i + 1, "timing/step": step * scale, "timing/old_log_prob": old * scale,
              "timing/update": update * scale, "timing/gen": 1.0}
         if unique is not None:
-            r |= {"packing/unique_tokens": unique, "packing/leaf_tokens": leaf, "packing/ideal_ratio": leaf / unique}
+            r |= {"packing/unique_tokens": unique, "packing/leaf_tokens": leaf, "packing/ideal_ratio": leaf / unique,
+                  "packing/forward_tokens": unique, "packing/padded_tokens": 1000}  # `unique`: what the run computes
         if mem is not None:
             r["perf/update_peak_mem_gb"] = mem
         out.append(r)
@@ -48,7 +49,7 @@ def test_summarize_and_targets_hand_computed():
     assert base["step_less"] == 0.0 and base["rss_rel"] == 1.0 and base["mem_rel"] == 1.0
     assert tnone["step_less"] == pytest.approx(0.1)
     assert tt["train_s"] == 20.0 and tt["speedup"] == 4.0  # vs tree + none (80 s)
-    assert tt["ideal"] == 4.0 and tt["of_ideal"] == 1.0
+    assert tt["ideal"] == 4.0 and tt["of_ideal"] == 1.0 and tt["tok_ratio"] == 5.0
     assert tt["step_less"] == pytest.approx(0.5) and tt["rss_rel"] == 0.75 and tt["mem_rel"] == pytest.approx(0.4)
     assert tp["speedup"] == 2.0 and tp["ideal"] == 2.0 and tp["mem_rel"] is None
     lines = bt.targets(rows)

@@ -288,6 +288,7 @@ class Trainer:
         m |= batch_metrics(batch, old_lp if old_lp is not None else first_lp)
         m |= packing_metrics(batch)
         m["perf/update_peak_mem_gb"] = all_max(peak.peak_gb)
+        m["perf/update_mem_growth_gb"] = all_max(peak.peak_gb - peak.start_gb)  # above the update's start
         timing["step"] = time.perf_counter() - t_step
         m |= timing_metrics(timing)
         m["perf/tokens_per_s"] = m["sampling/tokens_processed"] / max(m["timing/step"], 1e-9)
