@@ -222,6 +222,7 @@ PARENT = {
         pool = worker.WorkerPool("reward_fixtures:by_text")
         assert pool.run([("ok", {})], timeout_s=60) == [0.5]
         print(pool.pids()[0], flush=True)
+        import sys; sys.stdin.readline()  # exit once the test has seen the worker alive
     """,
 }
 
@@ -232,11 +233,13 @@ def test_no_worker_outlives_its_parent(case):
     PID 1 at 66% CPU with growing memory."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT[case])], stdout=subprocess.PIPE,
-                              env=env, text=True, cwd=ROOT)
+                              stdin=subprocess.PIPE, env=env, text=True, cwd=ROOT)
     try:
         pid = int(parent.stdout.readline())
         assert _alive(pid)
         if case == "normal exit":
+            parent.stdin.write("\n")
+            parent.stdin.flush()
             assert parent.wait(60) == 0
         else:
             deadline = time.monotonic() + 30

@@ -1,6 +1,7 @@
 """TrainConfig and its flags: presets under explicit values, strict booleans, numeric checks,
 reward function specs, and the typed rollout's alignment checks (no model needed)."""
 import json
+import re
 
 import pytest
 
@@ -64,6 +65,18 @@ def test_bad_preset_and_mode_name_the_valid_ones():
         parse_args(["--preset", "fast"])
     with pytest.raises(ValueError, match="valid: tree, sequential"):
         TrainConfig(mode="trees")
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--packing", "leaf"], "packing='leaf'; valid: tree, prompt, none"),
+    (["--autocast", "fp16"], "autocast='fp16'; valid: auto, bf16, off"),
+    (["--engine_dtype", "half"], "engine_dtype='half'; valid: auto, bfloat16, float32"),
+    (["--micro_batch_tokens", "0"], "micro_batch_tokens=0 must be >= 1"),
+])
+def test_packing_and_precision_flags_name_the_valid_values(flags, msg):
+    """Refused when the config is built, before any data or model is looked at."""
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        parse_args(flags)
 
 
 @pytest.mark.parametrize("spec,msg", [("no_colon", "expected 'module:function'"),
