@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import assert_close, tiny_hf_model
 from tree_cases import random_tree
 
 from treepo import Engine
 from treepo.train.config import TrainConfig
 from treepo.train.data import Problem
-from treepo.train.distributed import init_distributed
 from treepo.train.rollout import Rollout, RolloutStats, ScoredTree
 from treepo.train.trainer import Trainer
 
@@ -22,9 +22,21 @@ def our_model(family="llama_gqa4_untied"):
     return Engine.from_model(tiny_hf_model(family), num_pages=8, page_size=4).model.float().train()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one(tmp_path_factory):
+    """A gloo group of one through a file store: no port, and nothing in os.environ that later
+    trainer subprocesses would inherit (MASTER_PORT, WORLD_SIZE)."""
+    if dist.is_initialized():  # another module's group of one
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def bare_trainer(model, ref=None, **cfg):
     """A Trainer without data, engine or sampler: prepare / old_logprobs / update on given trees."""
-    init_distributed()
     t = Trainer.__new__(Trainer)
     t.cfg = TrainConfig(grad_clip=1e9, lr=0.0, **cfg)
     t.rank, t.world, t.device = 0, 1, torch.device("cpu")

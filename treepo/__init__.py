@@ -4,7 +4,9 @@ from treepo.engine.engine import Completion, Engine
 from treepo.engine.kv_cache import KVCacheExhausted
 from treepo.rollout.sampler import TreeSampler
 from treepo.rollout.tree import Leaf, Node, Tree, TreeConfig, trees_to_batch
+from treepo.train.batch import PackedBatch, pack_trees
 
 __all__ = ["Engine", "EngineConfig", "SamplingParams", "Completion", "KVCacheExhausted", "TreeConfig",
-           "TreeSampler", "Tree", "Leaf", "Node", "trees_to_batch"]
+           "TreeSampler", "Tree", "Leaf", "Node", "trees_to_batch",
+           "pack_trees", "PackedBatch"]
 __version__ = "0.1.0"
