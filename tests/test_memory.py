@@ -1,5 +1,8 @@
 """treepo/train/memory.py: PeakMemory sees a ~400 MB allocation made inside the block, and a later
 block without it reads lower (the per-block reset works)."""
+import os
+import platform
+
 import pytest
 import torch
 
@@ -35,3 +38,37 @@ def test_fallback_is_the_lifetime_peak(monkeypatch):
         _allocate_and_touch()
     assert pm.kind == "rss_lifetime"
     assert pm.peak_gb > 0.35  # the lifetime peak includes this block's allocation
+
+
+RETAIN = """
+import gc, sys
+import torch
+from treepo.train.memory import _vm_kb, return_freed_tensors_to_the_os
+if sys.argv[1] == "1":
+    assert return_freed_tensors_to_the_os()
+torch.ones(10)
+r0 = _vm_kb("VmRSS")
+for _ in range(3):  # 400 MB of 10 MB activations, pinned apart by small long-lived tensors
+    big, keep = [], []
+    for _ in range(40):
+        big.append(torch.ones(2_500_000))
+        keep.append(torch.ones(1000))
+    del big
+    gc.collect()
+print((_vm_kb("VmRSS") - r0) / 1024)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_activations_leave_the_rss():
+    """glibc keeps freed 10 MB blocks on its heap once its mmap threshold has risen; with the
+    trainer's setting they go back to the OS."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    kept = {flag: float(subprocess.run([sys.executable, "-c", RETAIN, flag], capture_output=True, text=True,
+                                       env=env, check=True).stdout) for flag in ("0", "1")}
+    assert kept["0"] > 200, kept  # the default: most of the 400 MB stays resident
+    assert kept["1"] < 50, kept

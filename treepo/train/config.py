@@ -78,7 +78,7 @@ class TrainConfig:
     mini_batches: int = 1  # optimizer steps per RL step (1 epoch over the batch)
     packing: str = "tree"  # what one training forward computes (docs/training.md section 10): "tree" every
     # unique token of a tree once, "prompt" only the prompt shared, "none" one padded row per leaf
-    micro_batch_tokens: int = 4096  # tokens per forward/backward (whole trees; a larger tree runs alone)
+    micro_batch_tokens: int = 2048  # tokens per forward/backward (whole trees; a larger tree runs alone)
     # advantages and loss
     advantage: str = "tree"  # "tree" (TreePO) | "grpo" | "rpp" (REINFORCE++-baseline)
     aggregation: str = "average"  # tree advantage: "average" | "size_weighted"

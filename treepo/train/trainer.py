@@ -38,7 +38,7 @@ from .config import TrainConfig, parse_args
 from .data import PromptStream, check_heldout_size, gsm8k_test, gym_problems, jsonl_problems, split_heldout
 from .distributed import all_max, init_distributed, shard_model
 from .evaluate import evaluate, reduce_eval
-from .memory import PeakMemory
+from .memory import PeakMemory, return_freed_tensors_to_the_os
 from .metrics import (
     MetricsLog,
     TokenWeighted,
@@ -64,6 +64,7 @@ class Trainer:
         from treepo.assets import bundled_model_path
 
         self.cfg = cfg
+        return_freed_tensors_to_the_os()  # a step's freed activations must not stay in the RSS (memory.py)
         self.scorer = ProblemScorer(cfg.reward_fn, cfg.reward_timeout_s)  # a bad reward_fn fails before loading
         self.rank, self.world, self.device = init_distributed()
         self.out = cfg.output_dir
