@@ -46,16 +46,16 @@ import torch
 from treepo.train.memory import _vm_kb, return_freed_tensors_to_the_os
 if sys.argv[1] == "1":
     assert return_freed_tensors_to_the_os()
-torch.ones(10)
+torch.ones(5_000_000)  # a freed 20 MB block: glibc raises its mmap threshold above 10 MB from now on
 r0 = _vm_kb("VmRSS")
-for _ in range(3):  # 400 MB of 10 MB activations, pinned apart by small long-lived tensors
+for _ in range(3):  # 400 MB of 10 MB activations, pinned apart by smaller long-lived tensors
     big, keep = [], []
     for _ in range(40):
         big.append(torch.ones(2_500_000))
-        keep.append(torch.ones(1000))
+        keep.append(torch.ones(128_000))  # 0.5 MB
     del big
     gc.collect()
-print((_vm_kb("VmRSS") - r0) / 1024)
+print((_vm_kb("VmRSS") - r0) / 1024)  # MB above the start; the last 20 MB of keepers are still alive
 """
 
 
