@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_cpu_kernels import build, prefill_case  # noqa: E402
-from common import chat_prompts, print_table, result_line  # noqa: E402
+from common import chat_prompts, interleaved, print_table, result_line  # noqa: E402
 
 
 def attention_rows(Hq, Hkv, D, repeat, chunks):
@@ -61,19 +61,6 @@ def attention_rows(Hq, Hkv, D, repeat, chunks):
                  "default_ms": ms["default"], "invariant_ms": ms["invariant"],
                  "cost": ms["invariant"] / ms["default"]})
     return rows
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Median ms of each function, called in turn (so a load change on the machine hits all alike)."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()  # warm-up
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def make_engine(mode, model, tok):

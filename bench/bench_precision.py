@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import chat_prompts, print_table, result_line  # noqa: E402
+from common import chat_prompts, median_ms, print_table, result_line  # noqa: E402
 
 
 def train_seconds(model, dtype, rows, tokens, repeat):
@@ -37,13 +37,7 @@ def train_seconds(model, dtype, rows, tokens, repeat):
             loss, _ = policy_loss(logp, logp.detach(), adv, mask)
         loss.backward()
 
-    step()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return median_ms(step, repeat) / 1e3
 
 
 def decode_tok_per_s(path, tokenizer, dtype, prompts, tokens):

@@ -14,14 +14,13 @@ first call compiles (compile_s). Usage:
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, result_line  # noqa: E402
+from common import interleaved, print_table, result_line  # noqa: E402
 
 from treepo.rollout.tree import Leaf, Node, Tree, TreeStats  # noqa: E402
 from treepo.train.batch import pack_trees, packed_size, plan_micro_batches  # noqa: E402
@@ -60,19 +59,6 @@ def micro_batch(case: str, budget: int, seed: int = 0):
     trees = [make_tree(g, *shape) for _ in range(16)]
     first = plan_micro_batches([packed_size(t) for t in trees], budget)[0]
     return pack_trees([trees[i] for i in first], "tree")
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Median ms of each function, called in turn (a load change on the machine hits all alike)."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()  # warm-up
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def rows_for(case, impls, budget, repeat, Hq=9, Hkv=3, D=64):

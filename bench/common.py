@@ -73,3 +73,17 @@ def median_ms(f, repeat: int) -> float:
         f()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Median ms of each function, called in turn (so a load change on the machine hits all alike),
+    after one warm-up call each."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}

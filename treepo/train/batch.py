@@ -72,8 +72,9 @@ class PackedBatch:
     def scatter(self, per_unique: torch.Tensor, width: int) -> torch.Tensor:
         """[n_leaves, width]: per_unique [U] copied to every (leaf, token) pair that reads it, 0 elsewhere
         (differentiable: a shared token's gradient is the sum over the leaves that contain it)."""
-        if width < int(self.pair_pos.max()) + 1 if self.pair_pos.numel() else False:
-            raise ValueError(f"scatter: width={width} < the longest response ({int(self.pair_pos.max()) + 1})")
+        longest = int(self.pair_pos.max()) + 1 if self.pair_pos.numel() else 0
+        if width < longest:
+            raise ValueError(f"scatter: width={width} < the longest response ({longest})")
         out = per_unique.new_zeros(self.n_leaves, width)
         return out.index_put((self.pair_row, self.pair_pos), per_unique[self.pair_unique])
 
