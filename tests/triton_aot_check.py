@@ -25,7 +25,7 @@ except ImportError as e:
     print(f"SKIP this Triton has no AOT API ({e})")
     sys.exit(2)
 
-from treepo_kernels import extend, paged_kv, tree_decode  # noqa: E402
+from treepo_kernels import extend, paged_kv, tree_attention, tree_decode  # noqa: E402
 from treepo_kernels.triton_common import block_d_for  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
@@ -33,6 +33,9 @@ TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 # (dtype, head_dim, g): tiny-model head_dim 8 (below tl.dot's K minimum), a non-power-of-two,
 # the benchmark shapes of docs/kernels.md, MQA with more than 64 query heads per KV head
 CASES = [("bf16", 8, 3), ("fp16", 48, 4), ("bf16", 128, 8), ("bf16", 128, 7), ("fp32", 64, 1), ("bf16", 64, 96)]
+# the training tree attention (dtype, head_dim, g, rows per program): SmolLM2's odd head split,
+# an odd head dim, the benchmark shape at 128 rows, fp32
+TRAIN_CASES = [("bf16", 64, 3, 64), ("fp16", 80, 4, 64), ("bf16", 128, 8, 128), ("fp32", 96, 1, 64)]
 
 
 def compile_kernel(fn, types: dict, constexprs: dict):
@@ -69,6 +72,22 @@ def kernels_for(dt: str, D: int, g: int, leaves: int = 12, block_n: int = 16):
     yield "append", paged_kv._append_kernel, append, dict(D=D, BLOCK_D=triton.next_power_of_2(D))
 
 
+def train_kernels_for(dt: str, D: int, g: int, rows: int):
+    """(name, fn, pointer types, constexprs) of the three kernels of `tree_attention.tree_attention`."""
+    hpp, bq = tree_attention.tile_for(g, 1, rows)
+    consts = dict(G=g, HPP=hpp, D=D, BLOCK_Q=bq, BLOCK_N=tree_attention.BLOCK_N, BLOCK_D=block_d_for(D),
+                  PREC="ieee" if dt == "fp32" else "tf32")
+    t, i32 = f"*{dt}", "*i32"
+    plan = dict(ve_ptr=i32, q_kv_ptr_ptr=i32, q_kv_full_ptr=i32, q_kv_ptr=i32, kv_q_ptr_ptr=i32, kv_q_full_ptr=i32,
+                kv_q_ptr=i32, item_kb_ptr=i32, item_start_ptr=i32, item_end_ptr=i32, item_part_ptr=i32)
+    fwd = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, lse_ptr="*fp32", scale_log2="fp32", **plan)
+    bwd = dict(fwd, do_ptr=t, delta_ptr="*fp32", dq_ptr=t, dk_ptr=t, dv_ptr=t, part_dk_ptr="*fp32",
+               part_dv_ptr="*fp32", scale="fp32")
+    yield "ta_fwd", tree_attention._fwd_kernel, fwd, consts
+    yield "ta_dq", tree_attention._dq_kernel, bwd, consts
+    yield "ta_dkdv", tree_attention._dkdv_kernel, bwd, consts
+
+
 def main() -> int:
     try:  # can this Triton lower to a cubin here at all (CUDA backend + ptxas bundled)?
         _, fn, types, constexprs = list(kernels_for("fp16", 64, 1))[3]  # the append kernel: quick
@@ -77,8 +96,9 @@ def main() -> int:
         print(f"SKIP cannot compile for {TARGET} here ({type(e).__name__}: {str(e).strip()[:200]})")
         return 2
     failed = 0
-    for dt, D, g in CASES:
-        for name, fn, types, constexprs in kernels_for(dt, D, g):
+    cases = [(c, kernels_for(*c)) for c in CASES] + [(c[:3], train_kernels_for(*c)) for c in TRAIN_CASES]
+    for (dt, D, g), kernels in cases:
+        for name, fn, types, constexprs in kernels:
             try:
                 compile_kernel(fn, types, constexprs)
                 print(f"ok   {name:8s} {dt} head_dim={D} g={g}")
