@@ -72,6 +72,8 @@ def test_bad_preset_and_mode_name_the_valid_ones():
     (["--autocast", "fp16"], "autocast='fp16'; valid: auto, bf16, off"),
     (["--engine_dtype", "half"], "engine_dtype='half'; valid: auto, bfloat16, float32"),
     (["--micro_batch_tokens", "0"], "micro_batch_tokens=0 must be >= 1"),
+    (["--attention", "flash"], "attention='flash'; valid: auto, triton, gathered, per_tree, dense, per_tree_bf16, "
+                               "flex"),
 ])
 def test_packing_and_precision_flags_name_the_valid_values(flags, msg):
     """Refused when the config is built, before any data or model is looked at."""

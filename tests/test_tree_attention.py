@@ -14,7 +14,8 @@ from treepo.engine.model import CausalLM
 from treepo.train.batch import pack_trees
 from treepo.train.tree_attention import IMPLS, TreeAttention, gather_plan, tree_attention_ref
 
-GRAD_IMPLS = [i for i in IMPLS if i != "flex"]  # no FlexAttention backward on a CPU
+GRAD_IMPLS = [i for i in IMPLS if i not in ("flex", "triton")]  # no FlexAttention backward on a CPU; the
+# Triton kernel's grid is tests/test_tree_attention_kernel.py (here: in the model, below)
 TOL = {"per_tree_bf16": 3e-2}  # the rest are fp32
 
 
@@ -84,7 +85,7 @@ def test_flex_forward_only_on_cpu_says_so():
 
 def test_errors_name_the_input():
     ve = torch.tensor([3, 3, 3, 5, 5])
-    with pytest.raises(ValueError, match="impl='fast'; valid: gathered, per_tree"):
+    with pytest.raises(ValueError, match="impl='fast'; valid: auto, triton, gathered, per_tree"):
         TreeAttention(ve, impl="fast")
     with pytest.raises(ValueError, match=r"visible_end\[1\] = 1; it must lie in \(1, 5\]"):
         TreeAttention(torch.tensor([3, 1, 3, 5, 5]))
@@ -160,7 +161,24 @@ def test_packed_forward_equals_dense_per_leaf(family, share):
             assert (lp_rows[r, L:] == 0).all()
 
 
-@pytest.mark.parametrize("impl", ["per_tree", "dense"])
+def test_training_attention_that_cannot_run_here_is_refused(monkeypatch):
+    from treepo.train.tree_attention import check_attention
+
+    with pytest.raises(ValueError, match="attention='flex' has no backward on a CPU"):
+        check_attention("flex", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention='triton' runs on CUDA \\(here: cpu"):
+        check_attention("triton", "cpu")
+    for impl in ("auto", "gathered", "per_tree"):
+        check_attention(impl, "cpu")
+
+
+def test_auto_is_triton_on_cuda_only():
+    batch = _packed("star", seed=0, n_trees=1)
+    assert TreeAttention.from_batch(batch).impl == ("triton" if torch.cuda.is_available() else "gathered")
+
+
+@pytest.mark.parametrize("impl", ["per_tree", "dense", "triton"])
 def test_other_impls_in_the_model(impl):
     model = _model("qwen3_norms_gqa4")
     batch = pack_trees(_trees(2), "tree")
@@ -170,15 +188,17 @@ def test_other_impls_in_the_model(impl):
     assert_close(got, want, atol=1e-5, what=impl)
 
 
-@pytest.mark.parametrize("family", ["llama_mha_tied", "qwen2_bias_gqa3"])
-def test_packed_gradient_equals_dense(family):
+@pytest.mark.parametrize("family,impl", [("llama_mha_tied", "gathered"), ("qwen2_bias_gqa3", "gathered"),
+                                         ("qwen3_norms_gqa4", "triton")])
+def test_packed_gradient_equals_dense(family, impl):
     """sum over (leaf, token) pairs of logp: the packed backward gives the padded per-leaf one's
-    parameter gradients (a shared token's gradient is the sum over the leaves that hold it)."""
+    parameter gradients (a shared token's gradient is the sum over the leaves that hold it); with
+    the Triton kernel (interpreted on a CPU) as with the CPU default."""
     model = _model(family)
     trees = _trees(3)
     batch = pack_trees(trees, "tree")
     model.zero_grad()
-    logp, _ = _packed_scores(model, batch)
+    logp, _ = _packed_scores(model, batch, impl)
     w = torch.randn(batch.n_leaves, 64, generator=torch.Generator().manual_seed(0))
     (batch.scatter(logp, 64) * w).sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}

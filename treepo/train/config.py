@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from treepo.rollout.tree import TreeConfig
 from treepo.train.batch import PACKINGS
+from treepo.train.tree_attention import IMPLS as ATTENTIONS
 
 MODES = ("tree", "sequential")
 ADVANTAGES = ("tree", "grpo", "rpp")
@@ -79,6 +80,8 @@ class TrainConfig:
     packing: str = "tree"  # what one training forward computes (docs/training.md section 10): "tree" every
     # unique token of a tree once, "prompt" only the prompt shared, "none" one padded row per leaf
     micro_batch_tokens: int = 2048  # tokens per forward/backward (whole trees; a larger tree runs alone)
+    attention: str = "auto"  # attention over packed trees (train/tree_attention.py): "auto" ("triton" on CUDA,
+    # "gathered" on a CPU) | "triton" | "gathered" | "flex" (FlexAttention; no backward on a CPU) | "per_tree" | "dense"
     # advantages and loss
     advantage: str = "tree"  # "tree" (TreePO) | "grpo" | "rpp" (REINFORCE++-baseline)
     aggregation: str = "average"  # tree advantage: "average" | "size_weighted"
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"mode={self.mode!r}; valid: {', '.join(MODES)}")
         if self.packing not in PACKINGS:
             raise ValueError(f"packing={self.packing!r}; valid: {', '.join(PACKINGS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         if self.autocast not in AUTOCASTS:
             raise ValueError(f"autocast={self.autocast!r}; valid: {', '.join(AUTOCASTS)}")
         if self.engine_dtype not in ENGINE_DTYPES:

@@ -54,7 +54,7 @@ from .rewards.problems import ProblemScorer
 from .rollout import Rollout, RolloutCollector
 from .run_dir import clear_previous_run, plan_run_on_rank0, write_config
 from .step_batch import MicroBatch, StepBatch
-from .tree_attention import TreeAttention
+from .tree_attention import TreeAttention, check_attention
 
 MICRO_KEYS = ("prompts", "responses", "response_mask", "input_ids", "attention_mask", "position_ids")
 
@@ -77,6 +77,7 @@ class Trainer:
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
         self.autocast_dtype = resolve_autocast(cfg.autocast, self.device)
+        check_attention(cfg.attention, self.device)  # before the model loads
         model = load_model(path, dtype=cfg.train_dtype, device=self.device)
         self.hf_config = model.hf_config
         model.train()
@@ -179,8 +180,8 @@ class Trainer:
                 return model(t["input_ids"], t["position_ids"], attention_mask=t["attention_mask"],
                              labels=t["responses"], label_start=Lp)
             p = mb.packed if mb.packed.input_ids.device == self.device else mb.packed.to(self.device)
-            lp, ent = model(p.input_ids, p.position_ids, attn=TreeAttention.from_batch(p), labels=p.labels,
-                            label_positions=p.pred_index)
+            attn = TreeAttention.from_batch(p, self.cfg.attention)  # its masks / plan serve every layer
+            lp, ent = model(p.input_ids, p.position_ids, attn=attn, labels=p.labels, label_positions=p.pred_index)
         width = batch.mask.shape[1]
         return p.scatter(lp, width), p.scatter(ent, width)
 

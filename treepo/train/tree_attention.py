@@ -7,7 +7,14 @@ every layer; it is differentiable (training forward and backward) and every impl
 `tree_attention_ref`, one SDPA over the whole sequence with the dense [T, T] mask.
 
 Impls (`IMPLS`):
-- "gathered" (default): the queries in blocks of GATHER_BLOCK = 64 consecutive packed tokens; each
+- "auto" (default): "triton" when the micro-batch is on a CUDA device and Triton is installed,
+  else "gathered".
+- "triton": treepo_kernels/tree_attention.py, the Triton forward (online softmax, LSE saved) and
+  FlashAttention-2-style backward over the packed layout's block plan (a query block visits only
+  the key blocks of its ancestors and its own node; built once per micro-batch, shared by every
+  layer). Runs on a GPU, and on a CPU only through the Triton interpreter (tests). Under autocast
+  q, k and v are cast to the autocast dtype (RoPE leaves q and k in fp32), like SDPA under autocast.
+- "gathered" (the CPU default): the queries in blocks of GATHER_BLOCK = 64 consecutive packed tokens; each
   block gathers only the keys some query of it can see (its ancestors' segments and its own
   node's prefix, `gather_plan`), padded to the longest such list K, and one batched SDPA runs
   over all blocks with the exact mask re-indexed to [64, K]. Work is T x K (K ~ 240 for the
@@ -17,11 +24,14 @@ Impls (`IMPLS`):
   diagonal and S trees of n tokens cost S n^2 instead of (S n)^2.
 - "dense": the reference's one SDPA over the micro-batch with the [T, T] mask.
 - "per_tree_bf16": "per_tree" with q, k, v rounded to bf16 (output back in q's dtype).
-- "flex": FlexAttention (torch.nn.attention.flex_attention, compiled) with a block mask built from
-  visible_end, so fully masked 128 x 128 tiles are skipped. torch 2.13 has no FlexAttention
-  backward on a CPU (its forward compiles through inductor's C++ template): on a CPU it serves
-  no-grad forwards only (e.g. recomputing the old policy's log-probs) and raises otherwise; on a
-  GPU it is the natural choice (not measured yet).
+- "flex": FlexAttention (torch.nn.attention.flex_attention, compiled once with dynamic shapes, so a
+  new micro-batch length does not recompile) with a block mask built from visible_end once per
+  micro-batch, so fully masked tiles are skipped; `flex_options` passes kernel_options (tuned tile
+  sizes, e.g. {"BLOCK_M": 128, "BLOCK_N": 64}) and `flex_block` sets the block mask's tile.
+  torch 2.13 has no FlexAttention backward on a CPU (its forward compiles through inductor's C++
+  template): on a CPU it serves no-grad forwards only (e.g. recomputing the old policy's
+  log-probs) and raises otherwise. On a GPU it is the baseline the Triton kernel is measured
+  against (bench/bench_train_attention.py).
 
 Why "gathered" is the default - measured on the 2-core AMD EPYC without AVX512
 (bench/bench_tree_attention.py; bench/results/2026-12-02_cpu2_noavx512_bench_tree_attention.txt),
@@ -40,12 +50,13 @@ compiling (8.8 s again for each new T).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("gathered", "per_tree", "dense", "per_tree_bf16", "flex")
-DEFAULT_IMPL = "gathered"
+IMPLS = ("auto", "triton", "gathered", "per_tree", "dense", "per_tree_bf16", "flex")
+DEFAULT_IMPL = "auto"  # "triton" on CUDA (when Triton is installed), "gathered" elsewhere
 GATHER_BLOCK = 64  # queries per block of "gathered" (32 and 128 were slower on the 2-core CPU)
 FLEX_BLOCK = 128  # FlexAttention's tile (tokens) on both axes
 
@@ -99,6 +110,27 @@ def _gathered(q, k, v, keys, mask):
     return o.transpose(1, 2).reshape(nb * block, H, D)[:T]
 
 
+def _triton_error() -> str | None:
+    """Why the Triton kernels cannot run here (None when Triton is installed)."""
+    from treepo_kernels.triton_common import TRITON_ERROR
+
+    return TRITON_ERROR
+
+
+def check_attention(impl: str, device: torch.device) -> None:
+    """Refuse a training attention that cannot run a forward + backward on `device` (the trainer
+    calls this before loading the model)."""
+    dev = torch.device(device).type
+    if impl == "flex" and dev == "cpu":
+        raise ValueError(f"attention='flex' has no backward on a CPU in torch {torch.__version__}; "
+                         "take attention='auto' (gathered) there")
+    if impl == "triton" and _triton_error() is not None:
+        raise ValueError(f"attention='triton' needs Triton, which is missing ({_triton_error()}); take 'auto'")
+    if impl == "triton" and dev != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention='triton' runs on CUDA (here: {dev}; on a CPU only through the Triton "
+                         "interpreter, TRITON_INTERPRET=1, for tests); take 'auto'")
+
+
 def _check_qkv(q, k, v, T: int, who: str):
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != T or k.shape[0] != T \
             or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
@@ -117,7 +149,7 @@ def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibl
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 class TreeAttention:
@@ -127,7 +159,7 @@ class TreeAttention:
     the device the forward runs on. seq_offsets None means one tree spanning all T tokens."""
 
     def __init__(self, visible_end: torch.Tensor, seq_offsets: torch.Tensor | None = None,
-                 impl: str = DEFAULT_IMPL):
+                 impl: str = DEFAULT_IMPL, flex_options: dict | None = None, flex_block: int = FLEX_BLOCK):
         if impl not in IMPLS:
             raise ValueError(f"TreeAttention: impl={impl!r}; valid: {', '.join(IMPLS)}")
         if visible_end.dim() != 1 or visible_end.dtype.is_floating_point or visible_end.shape[0] == 0:
@@ -148,8 +180,16 @@ class TreeAttention:
             j = int(bad.nonzero()[0])
             raise ValueError(f"TreeAttention: visible_end[{j}] = {int(visible_end[j])}; it must lie in "
                              f"({j}, {int(tree_end[j])}] (past the key itself, within its tree)")
+        if impl == "auto":
+            impl = "triton" if visible_end.device.type == "cuda" and _triton_error() is None else "gathered"
+        if impl == "triton" and _triton_error() is not None:
+            raise ValueError(f"TreeAttention impl='triton' needs Triton ({_triton_error()}); take impl='gathered'")
         self.visible_end, self.offsets, self.impl, self.tokens = visible_end, offs, impl, T
-        if impl == "gathered":
+        self.flex_options = flex_options
+        self.plans: dict = {}  # impl "triton": block plans by query-block size (built at the first layer)
+        if impl == "triton":
+            pass
+        elif impl == "gathered":
             self.keys, self.mask = gather_plan(visible_end)
         elif impl in ("per_tree", "per_tree_bf16"):
             self.masks = [tree_mask(visible_end, a, b) for a, b in zip(offs, offs[1:])]
@@ -164,15 +204,17 @@ class TreeAttention:
                 return (kv_idx <= q_idx) & (q_idx < ve[kv_idx])
 
             self.block_mask = create_block_mask(visible, None, None, T, T, device=ve.device,
-                                                BLOCK_SIZE=FLEX_BLOCK)
+                                                BLOCK_SIZE=flex_block)
 
     @classmethod
-    def from_batch(cls, batch, impl: str = DEFAULT_IMPL) -> "TreeAttention":
+    def from_batch(cls, batch, impl: str = DEFAULT_IMPL, **kw) -> "TreeAttention":
         """From a PackedBatch (already on the forward's device)."""
-        return cls(batch.visible_end, batch.seq_offsets, impl)
+        return cls(batch.visible_end, batch.seq_offsets, impl, **kw)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         _check_qkv(q, k, v, self.tokens, "TreeAttention")
+        if self.impl == "triton":
+            return self._triton(q, k, v)
         if self.impl == "gathered":
             return _gathered(q, k, v, self.keys, self.mask)
         if self.impl == "dense":
@@ -185,6 +227,15 @@ class TreeAttention:
         outs = [_sdpa(qs, ks, vs, m) for (qs, ks, vs), m in zip(parts, self.masks)]
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(q.dtype)
 
+    def _triton(self, q, k, v):
+        from treepo_kernels.tree_attention import plan_tree_attention, tile_for, tree_attention
+
+        dt = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        block_q = tile_for(q.shape[1], k.shape[1])[1]
+        if block_q not in self.plans:  # once per micro-batch: every layer has the same heads
+            self.plans[block_q] = plan_tree_attention(self.visible_end, block_q)
+        return tree_attention(q.to(dt), k.to(dt), v.to(dt), self.plans[block_q])[0]
+
     def _flex(self, q, k, v):
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError("TreeAttention impl='flex' has no backward on a CPU in this torch "
@@ -192,5 +243,6 @@ class TreeAttention:
         if q.device.type == "cpu":  # flex refuses inputs that require grad there, even under no_grad
             q, k, v = q.detach(), k.detach(), v.detach()
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, D]
-        o = _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        o = _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                             kernel_options=self.flex_options)
         return o[0].transpose(0, 1)
