@@ -35,11 +35,11 @@ def world_of_one(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def bare_trainer(model, ref=None, **cfg):
+def bare_trainer(model, ref=None, device="cpu", **cfg):
     """A Trainer without data, engine or sampler: prepare / old_logprobs / update on given trees."""
     t = Trainer.__new__(Trainer)
     t.cfg = TrainConfig(grad_clip=1e9, lr=0.0, **cfg)
-    t.rank, t.world, t.device = 0, 1, torch.device("cpu")
+    t.rank, t.world, t.device = 0, 1, torch.device(device)
     t.model, t.ref_model, t.autocast_dtype = model, ref, None
     t.tokenizer = SimpleNamespace(pad_token_id=0)
     t.optim = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -57,21 +57,21 @@ def rollout(seed=0, kinds=("random", "deep", "fallbackk", "star", "fallback0", "
     return Rollout(groups, RolloutStats())
 
 
-def step(model, ro, ref=None, **cfg):
+def step(model, ro, ref=None, device="cpu", **cfg):
     """(metrics, {param name: grad}) of one update on the rollout."""
-    t = bare_trainer(model, ref, **cfg)
+    t = bare_trainer(model.to(device), ref, device, **cfg)
     batch = t.prepare(ro)
     old = t.old_logprobs(batch) if t.cfg.mini_batches > 1 else None
     m, first = t.update(batch, old)
     return m, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, first
 
 
-def compare(ro, base, ref_model=None, **cfg):
+def compare(ro, base, ref_model=None, device="cpu", **cfg):
     results = {}
     for packing in ("none", "prompt", "tree"):
         model = copy.deepcopy(base)
         ref = copy.deepcopy(ref_model) if ref_model is not None else None
-        results[packing] = step(model, ro, ref, packing=packing, **cfg)
+        results[packing] = step(model, ro, ref, device, packing=packing, **cfg)
     m0, g0, lp0 = results["none"]
     assert g0 and all(g.abs().sum() > 0 for n, g in g0.items() if "embed" not in n), "no gradient reached a parameter"
     for packing in ("prompt", "tree"):
@@ -106,6 +106,19 @@ def test_update_equal_over_packings_off_policy_and_small_micro_batches():
     """Two mini-batches (the old-log-prob pass runs) and a budget smaller than most trees: every
     tree is its own micro-batch and the "none" rows go one or two at a time."""
     compare(rollout(3), our_model("qwen3_norms_gqa4"), mini_batches=2, micro_batch_tokens=40)
+
+
+def test_update_equal_over_packings_through_the_triton_kernel():
+    """The packed update with attention="triton" (the GPU default; here the Triton interpreter)."""
+    compare(rollout(6, kinds=("random", "deep", "tiny")), our_model("qwen2_bias_gqa3"), attention="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["triton", "gathered"])
+def test_gpu_update_equal_over_packings(attention):
+    """On the device, fp32: the packed update (Triton kernel or gathered SDPA) equals the padded one."""
+    compare(rollout(1), our_model(), device="cuda", attention=attention, autocast="off")
 
 
 def test_on_policy_update_skips_the_old_pass_exactly():
