@@ -279,20 +279,47 @@ def _dq_kernel(
     e1 = tl.load(q_kv_ptr_ptr + qb + 1)
     ef = e0 + tl.load(q_kv_full_ptr + qb)
     n = tl.arange(0, BLOCK_N)
-    for e in range(e0, e1):
+    for e in range(e0, ef):  # full tiles
         kj = tl.load(q_kv_ptr + e) * BLOCK_N + n
         kv_ok = kj < T
         k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
         v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
-        if e < ef:
-            p, ds = _tile_grads(q, do, lse2, delta, k, v, kv_ok[None, :], False, scale_log2, PREC)
-        else:
-            ve = tl.load(ve_ptr + kj, mask=kv_ok, other=0)
-            visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
-            p, ds = _tile_grads(q, do, lse2, delta, k, v, visible, True, scale_log2, PREC)
+        p, ds = _tile_grads(q, do, lse2, delta, k, v, kv_ok[None, :], False, scale_log2, PREC)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    for e in range(ef, e1):  # masked tiles
+        kj = tl.load(q_kv_ptr + e) * BLOCK_N + n
+        kv_ok = kj < T
+        k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+        v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+        ve = tl.load(ve_ptr + kj, mask=kv_ok, other=0)
+        visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
+        p, ds = _tile_grads(q, do, lse2, delta, k, v, visible, True, scale_log2, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq_off = qi.to(tl.int64)[:, None] * stride_q_tok + qh[:, None] * stride_q_head + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dkdv_walk(q_ptr, do_ptr, lse_ptr, delta_ptr, kv_q_ptr, e0, e1, k, v, kj, ve, dk, dv, r, kvh, T, d, d_ok,
+               scale_log2, stride_q_tok, stride_q_head, stride_lse_tok, MASKED: tl.constexpr, G: tl.constexpr,
+               HPP: tl.constexpr, BLOCK_Q: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV [BLOCK_N, BLOCK_D] fp32 of one key tile plus the query blocks kv_q[e0:e1], each with
+    every query head of KV head kvh, in order."""
+    for e in range(e0, e1):
+        qi = tl.load(kv_q_ptr + e) * BLOCK_Q + r // HPP
+        row_ok = qi < T
+        visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
+        for hh in range(G // HPP):
+            qh = kvh * G + hh * HPP + r % HPP
+            q = _load_rows(q_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
+            do = _load_rows(do_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
+            lse2 = tl.load(lse_ptr + qi.to(tl.int64) * stride_lse_tok + qh, mask=row_ok, other=0.0) \
+                * 1.4426950408889634
+            delta = tl.load(delta_ptr + qi.to(tl.int64) * stride_lse_tok + qh, mask=row_ok, other=0.0)
+            p, ds = _tile_grads(q, do, lse2, delta, k, v, visible, MASKED, scale_log2, PREC)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -321,24 +348,12 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     r = tl.arange(0, BLOCK_Q * HPP)
-    for e in range(e0, e1):
-        qb = tl.load(kv_q_ptr + e)
-        qi = qb * BLOCK_Q + r // HPP
-        row_ok = qi < T
-        visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
-        for hh in range(G // HPP):  # every query head of this KV head, in a fixed order
-            qh = kvh * G + hh * HPP + r % HPP
-            q = _load_rows(q_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
-            do = _load_rows(do_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
-            lse2 = tl.load(lse_ptr + qi.to(tl.int64) * stride_lse_tok + qh, mask=row_ok, other=0.0) \
-                * 1.4426950408889634
-            delta = tl.load(delta_ptr + qi.to(tl.int64) * stride_lse_tok + qh, mask=row_ok, other=0.0)
-            if e < ef:
-                p, ds = _tile_grads(q, do, lse2, delta, k, v, visible, False, scale_log2, PREC)
-            else:
-                p, ds = _tile_grads(q, do, lse2, delta, k, v, visible, True, scale_log2, PREC)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    dk, dv = _dkdv_walk(q_ptr, do_ptr, lse_ptr, delta_ptr, kv_q_ptr, e0, tl.minimum(e1, ef), k, v, kj, ve, dk, dv, r,
+                        kvh, T, d, d_ok, scale_log2, stride_q_tok, stride_q_head, stride_lse_tok, False, G, HPP,
+                        BLOCK_Q, PREC)  # full tiles
+    dk, dv = _dkdv_walk(q_ptr, do_ptr, lse_ptr, delta_ptr, kv_q_ptr, tl.maximum(e0, ef), e1, k, v, kj, ve, dk, dv, r,
+                        kvh, T, d, d_ok, scale_log2, stride_q_tok, stride_q_head, stride_lse_tok, True, G, HPP,
+                        BLOCK_Q, PREC)  # masked tiles
     dk = dk * scale
     if part < 0:
         off = kj.to(tl.int64)[:, None] * stride_k_tok + kvh * stride_k_head + d[None, :]
