@@ -18,7 +18,7 @@ class ScriptedEngine:
         self.tokenizer = char_tokenizer()
         self.texts = texts_per_prompt
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, stream_ids=None):
         assert len(prompts) == len(self.texts)
         return [[Completion([1] * len(t), [0.0] * len(t), "stop", text=t) for t in ts[:params.n]]
                 for ts in self.texts]
@@ -46,3 +46,25 @@ def test_an_empty_slice_has_the_same_keys_as_a_full_one():
     empty = evaluate(ScriptedEngine([]), [], ProblemScorer(None), n=2)
     assert sorted(empty["overall"]) == sorted(full["overall"])
     assert empty["overall"]["problems"] == 0
+
+
+def test_a_problems_samples_do_not_depend_on_the_slice_it_is_in():
+    """Ranks evaluate problems[rank::world]; seeded by global problem ids, the samples (and so the
+    metrics) are those of one process evaluating everything, for world sizes 1, 2 and 3."""
+    from helpers import tiny_hf_model
+
+    from treepo import Engine, SamplingParams
+
+    eng = Engine.from_model(tiny_hf_model("llama3_rope_gqa3", vocab=160, layers=2), num_pages=64, page_size=4)
+    prompts = [[5 + i, 7, 9 + 2 * i] for i in range(6)]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=3)
+    whole = eng.generate(prompts, params, stream_ids=list(range(6)))
+    for world in (2, 3):
+        for rank in range(world):
+            part = eng.generate(prompts[rank::world], params, stream_ids=list(range(rank, 6, world)))
+            for j, comps in zip(range(rank, 6, world), part):
+                assert [c.token_ids for c in comps] == [c.token_ids for c in whole[j]], (world, rank, j)
+    local = eng.generate(prompts[1::2], params)  # without ids: keyed on the index within the call
+    assert [c.token_ids for c in local[0]] != [c.token_ids for c in whole[1]]
+    with pytest.raises(ValueError, match="stream_ids has 2 entries for 6 prompts"):
+        eng.generate(prompts, params, stream_ids=[0, 1])

@@ -308,12 +308,21 @@ class Engine:
         return self.stats
 
     # ------------------------------------------------------------------ generate
-    def generate(self, prompt_token_ids, params: SamplingParams | None = None) -> list[list[Completion]]:
-        """n Completions per prompt. `prompt_token_ids`: a list of prompts (lists of ints), or one."""
+    def generate(self, prompt_token_ids, params: SamplingParams | None = None,
+                 stream_ids: list[int] | None = None) -> list[list[Completion]]:
+        """n Completions per prompt. `prompt_token_ids`: a list of prompts (lists of ints), or one.
+
+        With params.seed, sample j of prompt i draws from the random stream (seed, stream_ids[i], j,
+        position); stream_ids defaults to the prompts' indices in this call. Give each prompt a
+        global id (e.g. its index in a dataset) to get the same samples however the prompts are
+        split across calls or processes."""
         params = params or SamplingParams()
         single = prompt_token_ids and isinstance(prompt_token_ids[0], int)
         prompts = [self.check_prompt(p, f"prompt {i}")
                    for i, p in enumerate([prompt_token_ids] if single else prompt_token_ids)]
+        if stream_ids is not None and len(stream_ids) != len(prompts):
+            raise ValueError(f"stream_ids has {len(stream_ids)} entries for {len(prompts)} prompts; give one per prompt")
+        key = (lambda tag: tag) if stream_ids is None else (lambda tag: (int(stream_ids[tag.prompt]), tag.sample))
         ecfg = self.engine_config
         sched = Scheduler(self.kv, prompts, params, self.stop_token_ids(params), self.max_model_len,
                           ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
@@ -325,7 +334,7 @@ class Engine:
                     step = sched.schedule()
                     logits = self.forward(step.seqs) if step.seqs else None
                     seqs, logits = self._start_samples(step, logits)
-                    tokens = self.sample_into(seqs, logits, params, [s.tag for s in seqs])
+                    tokens = self.sample_into(seqs, logits, params, [key(s.tag) for s in seqs])
                     for s in sched.postprocess(seqs, tokens):
                         self.free(s)
                         results[s.tag.prompt][s.tag.sample] = self._completion(s, params)

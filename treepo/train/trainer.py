@@ -304,13 +304,20 @@ class Trainer:
         res = {}
         if self.heldout:  # --heldout_size 0: no held-out evaluation
             ev = evaluate(self.engine, self.heldout[self.rank::self.world], self.scorer, n=cfg.eval_n,
-                          temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens, seed=cfg.seed)
+                          temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens, seed=cfg.seed,
+                          problem_ids=self._slice_ids(len(self.heldout)))
             res.update(reduce_eval(ev, "heldout"))
         if cfg.eval_gsm8k and (final or self.step == 0):
-            ev = evaluate(self.engine, gsm8k_test()[self.rank::self.world], self.scorer, n=1,
-                          temperature=cfg.eval_temperature, max_tokens=cfg.gsm8k_max_tokens, seed=cfg.seed)
+            gsm = gsm8k_test()
+            ev = evaluate(self.engine, gsm[self.rank::self.world], self.scorer, n=1,
+                          temperature=cfg.eval_temperature, max_tokens=cfg.gsm8k_max_tokens, seed=cfg.seed,
+                          problem_ids=self._slice_ids(len(gsm)))
             res.update(reduce_eval(ev, "gsm8k"))
         return res
+
+    def _slice_ids(self, n: int) -> list[int]:
+        """Global indices of this rank's slice [rank::world] of n evaluation problems."""
+        return list(range(self.rank, n, self.world))
 
     def save(self):
         extra = {"data": self.stream.state_dict(), "sched": self.sched.state_dict(),
