@@ -92,6 +92,8 @@ class TreeAttentionPlan:
     split_kb: torch.Tensor  # [n_split] key blocks whose list was cut into chunks, ...
     split_parts: torch.Tensor  # [n_split, max_chunks] ... their partial slots (n_parts = padding)
     n_parts: int
+    num_warps: int = 4  # launch parameters of the three kernels
+    num_stages: int = 2
 
     @property
     def tiles(self) -> int:
@@ -103,24 +105,29 @@ class TreeAttentionPlan:
                                     for f, x in self.__dict__.items()})
 
 
-def _csr(need: torch.Tensor, full: torch.Tensor):
-    """Rows of a [R, C] bool matrix as CSR lists (full columns first, each part ascending)."""
-    R, C = need.shape
-    col = torch.arange(C, device=need.device)
-    key = torch.where(need, col + C * (~full).long(), 2 * C)  # full: c, masked: C + c, absent: 2C
-    key = key.sort(1).values
-    ptr = torch.zeros(R + 1, dtype=torch.int64, device=need.device)
-    ptr[1:] = need.sum(1).cumsum(0)
-    idx = key[key < 2 * C] % C
-    return ptr.int(), (full & need).sum(1).int(), idx.int()
+def _lists(major: torch.Tensor, minor: torch.Tensor, full: torch.Tensor, n_major: int, n_minor: int):
+    """CSR lists of (major, minor) tile pairs: per major block its minor blocks, full ones first,
+    each part ascending. Returns (ptr [n_major + 1], n_full [n_major], idx [pairs]) int32."""
+    order = torch.argsort(major * (2 * n_minor) + (~full).long() * n_minor + minor)
+    ptr = torch.zeros(n_major + 1, dtype=torch.int64, device=major.device)
+    ptr[1:] = torch.bincount(major, minlength=n_major).cumsum(0)
+    n_full = torch.bincount(major[full], minlength=n_major)
+    return ptr.int(), n_full.int(), minor[order].int()
 
 
 def plan_tree_attention(visible_end: torch.Tensor, block_q: int = ROWS, block_n: int = BLOCK_N,
-                        max_q_blocks: int = MAX_Q_BLOCKS) -> TreeAttentionPlan:
+                        max_q_blocks: int = MAX_Q_BLOCKS, num_warps: int = 4,
+                        num_stages: int = 2) -> TreeAttentionPlan:
     """The plan of `tree_attention` for one packed micro-batch: visible_end [T] int (a PackedBatch's,
     on the device the kernels run on). block_q: query tokens per block (`tile_for` picks it from the
     heads); block_n: keys per tile; max_q_blocks: the longest list of query blocks one dK/dV program
-    walks (longer lists are cut into chunks reduced afterwards)."""
+    walks (longer lists are cut into chunks reduced afterwards); num_warps, num_stages: the
+    kernels' launch parameters.
+
+    Key j is seen by the queries [j, visible_end[j]), so key block c is seen by exactly the query
+    blocks that meet [c * block_n, max visible_end over c): a contiguous range. The tiles are built
+    from those ranges, in memory linear in the number of tiles (no [query blocks, key blocks]
+    matrix)."""
     if visible_end.dim() != 1 or visible_end.dtype.is_floating_point or visible_end.shape[0] == 0:
         raise ValueError(f"plan_tree_attention: visible_end must be a non-empty integer [T] tensor, got "
                          f"{visible_end.dtype} {tuple(visible_end.shape)}")
@@ -133,23 +140,28 @@ def plan_tree_attention(visible_end: torch.Tensor, block_q: int = ROWS, block_n:
     dev = visible_end.device
     ve = visible_end.long()
     idx = torch.arange(T, device=dev)
-    if bool(((ve <= idx) | (ve > T)).any()):
-        j = int(((ve <= idx) | (ve > T)).nonzero()[0])
+    bad = (ve <= idx) | (ve > T)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0])
         raise ValueError(f"plan_tree_attention: visible_end[{j}] = {int(ve[j])}; it must lie in ({j}, {T}]")
     nqb, nkb = cdiv(T, block_q), cdiv(T, block_n)
-    qs = torch.arange(nqb, device=dev) * block_q
-    qe = (qs + block_q).clamp(max=T)
     ks = torch.arange(nkb, device=dev) * block_n
     ke = (ks + block_n).clamp(max=T)
     pad = nkb * block_n - T
     vmax = torch.nn.functional.pad(ve, (0, pad), value=0).view(nkb, block_n).max(1).values
-    vmin = torch.nn.functional.pad(ve, (0, pad), value=-1).view(nkb, block_n).min(1).values
-    need = (ks[None, :] < qe[:, None]) & (vmax[None, :] > qs[:, None])  # [nqb, nkb]
-    full = need & (ke[None, :] - 1 <= qs[:, None]) & (vmin[None, :] >= qe[:, None]) \
-        & (ke - ks == block_n)[None, :] & (qe - qs == block_q)[:, None]
-    q_kv_ptr, q_kv_full, q_kv = _csr(need, full)
-    kv_q_ptr, kv_q_full, kv_q = _csr(need.T, full.T)
-    counts = (kv_q_ptr[1:] - kv_q_ptr[:-1]).long()  # >= 1: every key sees itself
+    vmin = torch.nn.functional.pad(ve, (0, pad), value=T + 1).view(nkb, block_n).min(1).values
+    lo = ks // block_q  # key block c is seen by query blocks lo[c] .. hi[c] - 1
+    hi = (vmax + block_q - 1) // block_q
+    counts = hi - lo  # >= 1: every key sees itself
+    first = torch.zeros(nkb + 1, dtype=torch.int64, device=dev)
+    first[1:] = counts.cumsum(0)
+    kb = torch.arange(nkb, device=dev).repeat_interleave(counts)  # [tiles]
+    qb = lo[kb] + torch.arange(kb.shape[0], device=dev) - first[kb]
+    qs = qb * block_q
+    qe = (qs + block_q).clamp(max=T)
+    full = (ke[kb] - 1 <= qs) & (vmin[kb] >= qe) & (ke[kb] - ks[kb] == block_n) & (qe - qs == block_q)
+    q_kv_ptr, q_kv_full, q_kv = _lists(qb, kb, full, nqb, nkb)
+    kv_q_ptr, kv_q_full, kv_q = _lists(kb, qb, full, nkb, nqb)
     chunks = (counts + max_q_blocks - 1) // max_q_blocks  # [nkb]
     item_kb = torch.arange(nkb, device=dev).repeat_interleave(chunks)
     first_item = torch.zeros(nkb + 1, dtype=torch.int64, device=dev)
@@ -169,7 +181,7 @@ def plan_tree_attention(visible_end: torch.Tensor, block_q: int = ROWS, block_n:
     i32 = torch.int32
     return TreeAttentionPlan(T, block_q, block_n, ve.to(i32), q_kv_ptr, q_kv_full, q_kv, kv_q_ptr, kv_q_full, kv_q,
                              item_kb.to(i32), item_start.to(i32), item_end.to(i32), item_part.to(i32),
-                             split_kb.to(i32), split_parts.long(), n_parts)
+                             split_kb.to(i32), split_parts.long(), n_parts, num_warps, num_stages)
 
 
 def tile_for(num_q_heads: int, num_kv_heads: int, rows: int = ROWS) -> tuple[int, int]:
@@ -397,12 +409,13 @@ def _consts(q, k, plan, hpp):
 
 
 def tree_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TreeAttentionPlan,
-                       scale: float | None = None, num_warps: int = 4, num_stages: int = 2):
+                       scale: float | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """Forward launcher. q: [T, H_q, D]; k, v: [T, H_kv, D] (H_kv divides H_q); one dtype of fp32 /
     fp16 / bf16; last dim contiguous (copied when not; k and v then contiguous); plan from
-    `plan_tree_attention` on their device. Returns (out [T, H_q, D] contiguous in q's dtype,
-    lse [T, H_q] fp32, natural log)."""
+    `plan_tree_attention` on their device; num_warps / num_stages override the plan's. Returns
+    (out [T, H_q, D] contiguous in q's dtype, lse [T, H_q] fp32, natural log)."""
     hpp = _check(q, k, v, plan, "tree_attention")
+    num_warps, num_stages = num_warps or plan.num_warps, num_stages or plan.num_stages
     q = _rows(q)
     k, v = k.contiguous(), v.contiguous()
     T, Hq, D = q.shape
@@ -418,11 +431,12 @@ def tree_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
 
 
 def tree_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, plan: TreeAttentionPlan, scale: float | None = None, num_warps: int = 4,
-                       num_stages: int = 2):
+                       lse: torch.Tensor, plan: TreeAttentionPlan, scale: float | None = None,
+                       num_warps: int | None = None, num_stages: int | None = None):
     """Backward launcher: do, out [T, H_q, D] (q's dtype), lse [T, H_q] fp32 from the forward, the rest
     as in `tree_attention_fwd`. Returns (dq, dk, dv), contiguous, in q's dtype."""
     hpp = _check(q, k, v, plan, "tree_attention backward")
+    num_warps, num_stages = num_warps or plan.num_warps, num_stages or plan.num_stages
     q, do, out = q.contiguous(), do.contiguous(), out.contiguous()
     k, v = k.contiguous(), v.contiguous()
     assert do.shape == q.shape == out.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
