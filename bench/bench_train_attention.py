@@ -171,7 +171,8 @@ def errors(out, grads, ref) -> dict:
 
 # ---------------------------------------------------------------------------------- providers
 
-def provider_treepo(q, k, v, dout, visible_end, ref, bench, sync, tiles, deadline):
+def treepo_default(q, k, v, dout, visible_end, ref, bench, sync):
+    """`tree_attention` as training calls it: the plan's build time, fwd / fb ms, errors."""
     import treepo_kernels.tree_attention as ta
 
     r = {}
@@ -198,9 +199,19 @@ def provider_treepo(q, k, v, dout, visible_end, ref, bench, sync, tiles, deadlin
     r["treepo_fb_ms"], (out, grads) = bench(fb, keep=True)
     r.update({f"treepo_{n}": x for n, x in errors(out, grads, ref).items()})
     r["treepo_fwd_ms"] = bench(lambda: ta.tree_attention(q, k, v, plan))
+    return r
+
+
+def treepo_tiles(q, k, v, dout, visible_end, ref, bench, tiles, deadline):
+    """The best forward and forward + backward over tiles (rows, keys per tile, warps), timed
+    through the launchers (the tile is not part of tree_attention's API), and the worst tile's errors."""
+    import treepo_kernels.tree_attention as ta
+
+    r = {}
+    hpp = ta.tile_for(q.shape[1], k.shape[1])[0]
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     best, tile_err, tile_gerr, tile_errors = {}, 0.0, 0.0, []
-    for rows, bn, warps in tiles:  # through the launchers: the tile is not part of tree_attention's API
+    for rows, bn, warps in tiles:
         label = f"r{rows} n{bn} w{warps}"
         if time.perf_counter() > deadline:
             tile_errors.append(f"{label}: skipped (time budget)")
@@ -438,7 +449,8 @@ def target_lines(t: dict) -> list[str]:
 
 # -------------------------------------------------------------------------------------- main
 
-def run_shape(key, shape, args, heads, dtype, device, bench, sync, flex, deadline):
+def setup(key, shape, args, heads, dtype, device):
+    """(the row's shape figures, the tensors and the fp32 reference), the same on every call."""
     Hq, Hkv, D = heads
     batch = build_batch(shape, args.trees)
     paths = leaf_paths(batch)
@@ -452,44 +464,64 @@ def run_shape(key, shape, args, heads, dtype, device, bench, sync, flex, deadlin
     q = torch.randn(T, Hq, D, generator=g, device=device, dtype=dtype).requires_grad_()
     k, v = (torch.randn(T, Hkv, D, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(2))
     dout = torch.randn(T, Hq, D, generator=g, device=device, dtype=dtype)
-    ve = batch.visible_end.to(device)
     flat = torch.cat(paths).to(device)
     own = owners(flat, T)
     t0 = time.perf_counter()
     ref = path_reference(q, k, v, dout, paths, own)
     r["ref_s"] = time.perf_counter() - t0
-    tiles = SMOKE_TILES if args.smoke else TILES
+    return r, dict(q=q, k=k, v=v, dout=dout, ve=batch.visible_end.to(device), paths=paths, flat=flat, own=own,
+                   ref=ref)
+
+
+def _guard(r, col, f, *a):
+    """r.update(f(*a)), or the error string in r[col]."""
     try:
-        r.update(provider_treepo(q, k, v, dout, ve, ref, bench, sync, tiles, deadline))
+        r.update(f(*a))
     except Exception as e:
-        r["treepo_error"] = f"{type(e).__name__}: {e}"[:200]
+        r[col] = f"{type(e).__name__}: {e}"[:200]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_phase(phase, r, c, args, bench, sync, flex, deadline):
+    """phase "core": treepo's default tile, flex's defaults, varlen (every shape gets these first);
+    "tune": treepo's other tiles, flex's kernel_options (while the time budget lasts)."""
+    q, k, v, dout, ve, ref = c["q"], c["k"], c["v"], c["dout"], c["ve"], c["ref"]
+    if phase == "core":
+        _guard(r, "treepo_error", treepo_default, q, k, v, dout, ve, ref, bench, sync)
+    else:
+        _guard(r, "treepo_tiles_error", treepo_tiles, q, k, v, dout, ve, ref, bench,
+               SMOKE_TILES if args.smoke else TILES, deadline)
     if flex is None:
         r["flex_error"] = r["varlen_error"] = "skipped (CPU)" if args.smoke else "skipped"
-        return r
+        return
     from treepo_kernels.tree_attention import plan_tree_attention
 
     plans = {}
     plan_for = lambda bs: plans.setdefault(bs, plan_tree_attention(ve, bs, bs))  # noqa: E731
-    configs = [("default", 128, None)] + [c for c in FLEX_TUNED if c[0] in args.flex_configs]
-    res = provider_flex(flex, q, k, v, dout, ve, ref, bench, sync, configs, plan_for, deadline)
-    for label, fr in res:
-        if label == "default":
-            r.update({f"flex_{n}": x for n, x in fr.items()})
-        elif "fb_ms" in fr and fr["fb_ms"] < r.get("flex_tuned_fb_ms", float("inf")):
-            r.update({f"flex_tuned_{n}": x for n, x in fr.items()}, flex_tuned_cfg=label)
-    r["flex_tuned_all"] = {label: {n: x for n, x in fr.items() if n in ("fwd_ms", "fb_ms", "compile_s", "error")}
-                           for label, fr in res[1:]}
-    if "fb_ms" in res[0][1] and res[0][1]["fb_ms"] < r.get("flex_tuned_fb_ms", float("inf")):
-        # the default config counts among the tuned ones: "tuned" is the best flex found
-        r.update({f"flex_tuned_{n}": x for n, x in res[0][1].items()}, flex_tuned_cfg="default")
-    if time.perf_counter() > deadline:
-        r["varlen_error"] = "skipped (time budget)"
+    if phase == "core":
+        (_, fr), = provider_flex(flex, q, k, v, dout, ve, ref, bench, sync, [("default", 128, None)], plan_for,
+                                 deadline)
+        r.update({f"flex_{n}": x for n, x in fr.items()})
+        if time.perf_counter() > deadline:
+            r["varlen_error"] = "skipped (time budget)"
+        else:
+            _guard(r, "varlen_error", provider_varlen, q, k, v, dout, c["paths"], c["flat"], c["own"], ref, bench)
     else:
-        try:
-            r.update(provider_varlen(q, k, v, dout, paths, flat, own, ref, bench))
-        except Exception as e:
-            r["varlen_error"] = f"{type(e).__name__}: {e}"[:200]
-    return r
+        configs = [cfg for cfg in FLEX_TUNED if cfg[0] in args.flex_configs]
+        r["flex_tuned_all"] = dict(provider_flex(flex, q, k, v, dout, ve, ref, bench, sync, configs, plan_for,
+                                                 deadline))
+    pick_flex_tuned(r)
+
+
+def pick_flex_tuned(r: dict):
+    """flex_tuned_*: the fastest forward + backward among flex's default and the configs tried."""
+    found = {"default": {n[5:]: x for n, x in r.items() if n.startswith("flex_") and not n.startswith("flex_tuned")}}
+    found.update(r.get("flex_tuned_all", {}))
+    ok = [(fr["fb_ms"], label) for label, fr in found.items() if isinstance(fr.get("fb_ms"), float)]
+    if ok:
+        label = min(ok)[1]
+        r.update({f"flex_tuned_{n}": x for n, x in found[label].items() if n != "error"}, flex_tuned_cfg=label)
 
 
 def main():
@@ -536,19 +568,28 @@ def main():
     else:
         bench, sync, flex = _cpu_time, (lambda: None), None
     rows = []
-    for key in keys:
-        if time.perf_counter() > deadline:
-            rows.append({"shape": table[key][0], "key": key, "error": "skipped (time budget)"})
-            continue
-        try:
-            r = run_shape(key, table[key], args, heads, dtype, device, bench, sync, flex, deadline)
-            derive(r, heads[2], heads[0])
-        except Exception as e:  # the shape itself failed (out of memory, ...): report, go on
-            r = {"shape": table[key][0], "key": key, "error": f"{type(e).__name__}: {e}"[:200]}
-        rows.append(r)
-        if cuda:
-            torch.cuda.empty_cache()
-        _write(args, rows, heads, partial=True)
+    for phase in ("core", "tune"):  # every shape's core figures first, then tuning while time lasts
+        for n, key in enumerate(keys):
+            if phase == "core":
+                rows.append({"shape": table[key][0], "key": key})
+            r = rows[n]
+            if "error" in r:
+                continue
+            if time.perf_counter() > deadline:
+                r.setdefault("error" if phase == "core" else "tune_error", "skipped (time budget)")
+                continue
+            try:
+                info, tensors = setup(key, table[key], args, heads, dtype, device)
+                if phase == "core":
+                    r.update(info)
+                run_phase(phase, r, tensors, args, bench, sync, flex, deadline)
+                derive(r, heads[2], heads[0])
+            except Exception as e:  # the shape itself failed (out of memory, ...): report, go on
+                r["error" if phase == "core" else "tune_error"] = f"{type(e).__name__}: {e}"[:200]
+            tensors = None
+            if cuda:
+                torch.cuda.empty_cache()
+            _write(args, rows, heads, partial=True)
     Hq, Hkv, D = heads
     print(f"attention for training over packed trees, one layer, H_q={Hq} H_kv={Hkv} d={D}, {dtype}, "
           f"{device}; ms = median of do_bench (fwd: forward with grad; fb: forward + backward)")
@@ -556,14 +597,21 @@ def main():
                        "treepo_best_fb_ms", "treepo_best_fb_tile", "flex_fwd_ms", "flex_fb_ms", "flex_compile_s",
                        "flex_tuned_fwd_ms", "flex_tuned_fb_ms", "flex_tuned_cfg", "varlen_fwd_ms", "varlen_fb_ms"])
     print()
-    print_table(rows, ["shape", "ideal_tok", "ideal", "treepo_fb_vs_varlen", "treepo_fb_pct_ideal",
-                       "treepo_best_fb_pct_ideal", "treepo_fb_vs_flex_tuned", "treepo_best_fb_vs_flex_tuned",
-                       "treepo_fb_TFLOPs", "flex_tuned_fb_TFLOPs", "varlen_fb_TFLOPs", "treepo_err", "treepo_gerr",
-                       "treepo_tiles_err", "flex_err", "varlen_err"])
+    print_table(rows, ["shape", "ideal_tok", "ideal", "treepo_fwd_vs_varlen", "treepo_fb_vs_varlen",
+                       "treepo_fb_pct_ideal", "treepo_best_fb_vs_varlen", "treepo_best_fb_pct_ideal",
+                       "treepo_fwd_vs_flex_tuned", "treepo_fb_vs_flex_tuned", "treepo_best_fb_vs_flex_tuned"])
+    print()
+    print_table(rows, ["shape", "treepo_fwd_TFLOPs", "treepo_fb_TFLOPs", "treepo_best_fb_TFLOPs",
+                       "flex_tuned_fb_TFLOPs", "varlen_fb_TFLOPs", "treepo_err", "treepo_gerr", "treepo_tiles_err",
+                       "treepo_tiles_gerr", "flex_err", "flex_gerr", "varlen_err", "varlen_gerr", "ref_s", "flex_mask"])
+    notes = {}  # (column, message) -> shapes: one line per distinct message
     for r in rows:
-        for col in ("error", "treepo_error", "treepo_tile_errors", "flex_error", "flex_tuned_error", "varlen_error"):
+        for col in ("error", "tune_error", "treepo_error", "treepo_tiles_error", "treepo_tile_errors", "flex_error",
+                    "varlen_error"):
             if r.get(col):
-                print(f"{r['shape']}: {col}: {r[col]}")
+                notes.setdefault((col, str(r[col])), []).append(r["shape"])
+    for (col, msg), shapes in notes.items():
+        print(f"{col} ({', '.join(shapes)}): {msg}")
     t = targets([r for r in rows if "error" not in r])
     for line in target_lines(t):
         print(line)

@@ -5,13 +5,17 @@ import json
 import os
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import bench_train_attention as bta  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # (on a CPU, tests/conftest.py sets TRITON_INTERPRET=1)
 # the smoke shapes, written out again: (prompt, segment, branching, trees)
 SMOKE = {"d2": (24, 16, [2, 2], 1), "d3": (24, 16, [2, 2, 1], 1), "none": (24, 16, [1, 1], 4),
          "prompt": (24, 32, [4], 1)}
@@ -33,7 +37,8 @@ def expected(prompt, seg, branching, trees):
 
 @pytest.fixture(scope="module")
 def smoke():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.abspath(ROOT))
+    # the CPU run (fp32 under the interpreter), also on a machine with a GPU
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.abspath(ROOT), CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_train_attention.py"), "--smoke"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -89,3 +94,78 @@ def test_targets_met_and_not_met():
     assert not none["default"]["met"] and none["best"]["met"]
     lines = bta.target_lines(t)
     assert len(lines) == 3 and "default tile NOT met (worst 0.9 at a)" in lines[0]
+
+
+def _fake_flex(q, k, v, block_mask=None, enable_gqa=False, kernel_options=None):
+    """flex_attention's contract in dense fp32 math: the mask from the block mask's own mask_mod."""
+    T = q.shape[2]
+    i = torch.arange(T, device=q.device)
+    mask = block_mask.mask_mod(0, 0, i[:, None], i[None, :])
+    g = q.shape[1] // k.shape[1]
+    kf, vf = (t.float().repeat_interleave(g, 1) for t in (k, v))
+    s = (q.float() @ kf.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ vf).to(q.dtype)
+
+
+def _fake_varlen(gqa: bool):
+    """Causal attention per cu_seqlens sequence (SDPA); without gqa it refuses H_kv < H_q."""
+    def f(q, k, v, cu, m):
+        if not gqa and k.shape[1] != q.shape[1]:
+            raise RuntimeError("no GQA here")
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            o = torch.nn.functional.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, enable_gqa=True)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
+    return f
+
+
+def test_gpu_paths_with_stand_ins(monkeypatch):
+    """The flex / varlen plumbing that only runs on a GPU (layouts, block masks, the owner-masked
+    dout, picking flex_tuned, the derived figures), with stand-ins for flex and varlen (fp32)."""
+    monkeypatch.setattr(bta, "varlen_impls", lambda: [("stand-in", _fake_varlen(True))])
+    args = SimpleNamespace(trees=1, smoke=True, flex_configs=[c[0] for c in bta.FLEX_TUNED])
+    r, c = bta.setup("d3", bta.SMOKE["d3"], args, (4, 2, 32), torch.float32, DEVICE)
+    deadline = time.perf_counter() + 600
+    for phase in ("core", "tune"):
+        bta.run_phase(phase, r, c, args, bta._cpu_time, lambda: None, _fake_flex, deadline)
+    bta.derive(r, 32, 4)
+    for col in ("treepo_err", "treepo_gerr", "flex_err", "flex_gerr", "varlen_err", "varlen_gerr"):
+        assert r[col] < 1e-4, (col, r[col])
+    assert r["flex_mask"] == "create_block_mask" and "flex_error" not in r and "varlen_error" not in r
+    assert r["varlen_impl"] == "stand-in"
+    assert sorted(r["flex_tuned_all"]) == sorted(args.flex_configs)
+    assert all(fr["err"] < 1e-4 and fr["fb_ms"] > 0 for fr in r["flex_tuned_all"].values())
+    best = min([r["flex_fb_ms"]] + [fr["fb_ms"] for fr in r["flex_tuned_all"].values()])
+    assert r["flex_tuned_fb_ms"] == best and r["flex_tuned_cfg"] in ["default"] + args.flex_configs
+    assert r["treepo_fb_vs_varlen"] == r["varlen_fb_ms"] / r["treepo_fb_ms"]
+    assert r["treepo_fb_pct_ideal"] == pytest.approx(100 * r["treepo_fb_vs_varlen"] / r["ideal"])
+    assert r["treepo_fb_vs_flex_tuned"] == r["flex_tuned_fb_ms"] / r["treepo_fb_ms"]
+
+
+def test_varlen_without_gqa_expands_kv(monkeypatch):
+    """A varlen impl that refuses H_kv < H_q is retried with K/V repeated to H_q, and the grads of
+    the repeated heads are summed back onto the KV heads."""
+    monkeypatch.setattr(bta, "varlen_impls", lambda: [("stand-in", _fake_varlen(False))])
+    args = SimpleNamespace(trees=1, smoke=True)
+    _, c = bta.setup("prompt", bta.SMOKE["prompt"], args, (6, 2, 16), torch.float32, DEVICE)
+    r = bta.provider_varlen(c["q"], c["k"], c["v"], c["dout"], c["paths"], c["flat"], c["own"], c["ref"],
+                            bta._cpu_time)
+    assert r["varlen_impl"] == "stand-in (K/V expanded to H_q)" and "no GQA here" in r["varlen_error"]
+    assert r["varlen_err"] < 1e-5 and r["varlen_gerr"] < 1e-5
+
+
+def test_block_mask_from_the_plan_is_create_block_mask():
+    from treepo_kernels.tree_attention import plan_tree_attention
+
+    for key in ("d3", "prompt"):
+        ve = bta.build_batch(bta.SMOKE[key], 1).visible_end
+        T = ve.shape[0]
+        for bs in (16, 32):
+            plan_for = lambda b: plan_tree_attention(ve, b, b)  # noqa: E731
+            (a, how_a), (b, how_b) = (bta.flex_block_mask(ve, T, bs, plan_for, build) for build in ("auto", "plan"))
+            assert how_a == "create_block_mask" and how_b.startswith("from plan")
+            assert torch.equal(a.to_dense(), b.to_dense())
+            for f in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+                assert torch.equal(getattr(a, f), getattr(b, f)), (key, bs, f)
