@@ -20,7 +20,8 @@ backward (autograd.grad of sum(out * dout), a fixed random dout), median of trit
 - flex: `torch.compile(flex_attention, dynamic=True)`, mask_mod (kv <= q) & (q < visible_end[kv]),
   block mask built once (create_block_mask; for large T its compiled form, or the same BlockMask
   from the plan's tile lists if that fails), enable_gqa; compile_s: the first call;
-  flex_tuned: the best of a few kernel_options block sizes, each with a block mask of its size;
+  flex_tuned: the best forward + backward among the default and a few kernel_options block sizes,
+  each with a block mask of its size;
 - varlen: every root-to-leaf path as its own causal sequence (cu_seqlens), q / k / v gathered from
   the packed tensors: flash_attn.flash_attn_varlen_func if importable, else torch's varlen_attn.
 A provider that fails reports its error string in the row instead of stopping the run.
@@ -33,7 +34,11 @@ varlen's figure is lowered by the work it repeats). Ideal speed-up over varlen: 
 visible pairs (ideal); the actual speed-up and its % of the ideal. Correctness: max |out - ref|
 and the max relative error of dq / dk / dv against an fp32 reference computed per path (causal
 attention over the path's gathered tokens, each packed query once), never the dense [T, T] mask.
-Usage:
+The targets are judged on forward + backward, for the default tile and for the best tile.
+
+Time: every shape's core figures (treepo's default tile, flex's default, varlen) come first, the
+tuning (other tiles, flex kernel_options: mostly compile time) after, until --budget-s runs out;
+what is left is reported as skipped, and --out gets the rows after every shape. Usage:
 
     python bench/bench_train_attention.py [--out DIR] [--heads 9,3,64] [--trees N] [--shapes d4,none]
     TRITON_INTERPRET=1 python bench/bench_train_attention.py --smoke   # CPU: tiny shapes, fp32
