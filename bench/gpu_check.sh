@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, run once per GPU session: (1) the GPU tests (bf16, large shapes, CUDA graph
 # capture) and the Triton kernel tests compiled for the device, (2) the kernel benchmark, (3) the
-# engine-level tree vs sequential sampling benchmark on the GPU. Writes everything to OUT_DIR.
-# Budget: about 8 minutes on one H200; each part has its own timeout so one hang does not cost
-# the others.  Usage: bash bench/gpu_check.sh OUT_DIR
+# attention-for-training benchmark (tree attention vs FlexAttention vs varlen), (4) the engine-level
+# tree vs sequential sampling benchmark on the GPU. Writes everything to OUT_DIR.
+# Budget: about 9 minutes on one H200 at worst (the timeouts: 200 + 120 + 150 + 60 s); each part
+# has its own timeout so one hang does not cost the others.  Usage: bash bench/gpu_check.sh OUT_DIR
 set -uo pipefail
 OUT="${1:?usage: bash bench/gpu_check.sh OUT_DIR}"
 mkdir -p "$OUT"
@@ -21,14 +22,20 @@ unset TRITON_INTERPRET
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } >"$OUT/machine.txt" 2>&1
 # 1. tests on the device: the gpu-marked ones and the kernel tests compiled (not interpreted)
-timeout 240 $PY -m pytest -q -m "gpu or not slow" tests/test_triton_kernels.py -p no:cacheprovider \
+TESTS="tests/test_triton_kernels.py"
+if [ -f tests/test_tree_attention_kernel.py ]; then TESTS="$TESTS tests/test_tree_attention_kernel.py"; fi
+timeout 200 $PY -m pytest -q -m "gpu or not slow" $TESTS -p no:cacheprovider \
   >"$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" >>"$OUT/summary.txt"
 # 2. kernel benchmark
-timeout 180 $PY bench/bench_kernels.py --out "$OUT" >"$OUT/bench_kernels.txt" 2>&1
+timeout 120 $PY bench/bench_kernels.py --out "$OUT" >"$OUT/bench_kernels.txt" 2>&1
 echo "bench_kernels rc=$?" >>"$OUT/summary.txt"
-# 3. tree vs sequential sampling with the bundled model (triton backend, bf16)
+# 3. attention for training over packed trees; it stops measuring after --budget-s (a compile in
+# flight can overrun it) and writes its rows to $OUT after every shape, so a timeout keeps them
+timeout 150 $PY bench/bench_train_attention.py --out "$OUT" --budget-s 110 >"$OUT/bench_train_attention.txt" 2>&1
+echo "bench_train_attention rc=$?" >>"$OUT/summary.txt"
+# 4. tree vs sequential sampling with the bundled model (triton backend, bf16)
 # TODO: bench/bench_engine.py has no --device flag (CPU only); add one, then run it here too.
-timeout 90 $PY bench/bench_sampling.py --splits 4x64 --threads 8 >"$OUT/bench_sampling.txt" 2>&1
+timeout 60 $PY bench/bench_sampling.py --splits 4x64 --threads 8 >"$OUT/bench_sampling.txt" 2>&1
 echo "bench_sampling rc=$?" >>"$OUT/summary.txt"
 tail -n 3 "$OUT"/*.txt
