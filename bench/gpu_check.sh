@@ -22,8 +22,8 @@ unset TRITON_INTERPRET
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } >"$OUT/machine.txt" 2>&1
 # 1. tests on the device: the gpu-marked ones and the kernel tests compiled (not interpreted)
-TESTS="tests/test_triton_kernels.py"
-if [ -f tests/test_tree_attention_kernel.py ]; then TESTS="$TESTS tests/test_tree_attention_kernel.py"; fi
+# (test_packed_training: the packed update on CUDA through the Triton kernel equals the padded one)
+TESTS="tests/test_triton_kernels.py tests/test_tree_attention_kernel.py tests/test_packed_training.py"
 timeout 200 $PY -m pytest -q -m "gpu or not slow" $TESTS -p no:cacheprovider \
   >"$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" >>"$OUT/summary.txt"

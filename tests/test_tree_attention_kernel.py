@@ -324,7 +324,7 @@ def test_gpu_bf16_paper_shape(heads):
     plan = plan_tree_attention(ve, tile_for(heads[0], heads[1])[1])
     out, lse = tree_attention(q, k, v, plan)
     grads = torch.autograd.grad(out, (q, k, v), do)
-    ref = chunked_reference(q.detach(), k.detach(), v.detach(), ve, do)
+    ref = chunked_reference(q.detach(), k.detach(), v.detach(), ve, do, chunk=512)  # ~25 GB at H_q 32
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref):
         assert rel_err(a, b) < 1.5e-2, f"{name}: relative error {rel_err(a, b):.3g}"
 
