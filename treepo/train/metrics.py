@@ -114,12 +114,20 @@ class MetricsLog:
 
 
 def progress_line(step: int, steps: int, m: dict) -> str:
+    """One line per step with what says a run is healthy (the pg loss is not among them: the
+    token mean of whitened advantages is ~0 by construction on a step's first epoch):
+    reward and accuracy (are the leaves getting better), response length, the PPO clip fraction
+    and approximate KL (is the update the size it should be), entropy (is the policy collapsing),
+    gradient norm, prompts kept by dynamic sampling, what tree sampling saved over sequential
+    sampling, and the step's seconds with its two big phases."""
     done = step / steps
-    bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
-    return (f"[{bar}] step {step}/{steps} reward {m['reward/mean']:+.3f} acc {m['reward/accuracy']:.3f} "
-            f"len {m['response/len_mean']:.0f} kept {m['batch/prompts_kept']:.0f} "
-            f"loss {m.get('actor/pg_loss', 0):+.4f} gn {m['actor/grad_norm']:.3f} "
-            f"saved {m['sampling/compute_saved_vs_sequential']:.0%} {m['timing/step']:.1f}s")
+    bar = "#" * int(20 * done) + "-" * (20 - int(20 * done))
+    g = m.get
+    return (f"[{bar}] step {step}/{steps} | reward {g('reward/mean', 0):+.3f} acc {g('reward/accuracy', 0):.3f} "
+            f"len {g('response/len_mean', 0):.0f} | clip {g('actor/pg_clipfrac', 0):.3f} "
+            f"kl {g('actor/ppo_kl', 0):.1e} ent {g('actor/entropy', 0):.3f} gn {g('actor/grad_norm', 0):.3f} | "
+            f"kept {g('batch/prompts_kept', 0):.0f} saved {g('sampling/compute_saved_vs_sequential', 0):.0%} | "
+            f"{g('timing/step', 0):.1f}s (gen {g('timing/gen', 0):.1f} update {g('timing/update', 0):.1f})")
 
 
 def eval_line(step: int, ev: dict) -> str:
