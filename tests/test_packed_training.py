@@ -39,7 +39,7 @@ def bare_trainer(model, ref=None, device="cpu", **cfg):
     """A Trainer without data, engine or sampler: prepare / old_logprobs / update on given trees."""
     t = Trainer.__new__(Trainer)
     t.cfg = TrainConfig(grad_clip=1e9, lr=0.0, **cfg)
-    t.rank, t.world, t.device = 0, 1, torch.device(device)
+    t.rank, t.world, t.device, t.step = 0, 1, torch.device(device), 0
     t.model, t.ref_model, t.autocast_dtype = model, ref, None
     t.tokenizer = SimpleNamespace(pad_token_id=0)
     t.optim = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -384,5 +385,11 @@ def bundled_model_path() -> str:
             for kind in ("tmp", "old"):  # leftovers of a crashed conversion
                 for stale in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
                     shutil.rmtree(stale, ignore_errors=True)
+            from .progress import note
+
+            t0 = time.perf_counter()
+            note(f"converting the bundled SmolLM2-135M-Instruct to a transformers checkpoint in {out_dir} "
+                 "(first use only)...")
             convert_gguf_to_hf(src, out_dir)
+            note(f"converted in {time.perf_counter() - t0:.0f} s")
     return str(out_dir)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..progress import Rate
+from ..progress import progress as progress_bar
 from .attention import make_backend
 from .config import EngineConfig, SamplingParams
 from .kv_cache import KVCacheExhausted, PagedKVCache
@@ -309,35 +311,42 @@ class Engine:
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompt_token_ids, params: SamplingParams | None = None,
-                 stream_ids: list[int] | None = None) -> list[list[Completion]]:
+                 stream_ids: list[int] | None = None, progress: str | None = None) -> list[list[Completion]]:
         """n Completions per prompt. `prompt_token_ids`: a list of prompts (lists of ints), or one.
 
         With params.seed, sample j of prompt i draws from the random stream (seed, stream_ids[i], j,
         position); stream_ids defaults to the prompts' indices in this call. Give each prompt a
         global id (e.g. its index in a dataset) to get the same samples however the prompts are
-        split across calls or processes."""
+        split across calls or processes. progress: a label for a progress bar of completions
+        finished (treepo/progress.py: shown on a terminal only)."""
         params = params or SamplingParams()
         single = prompt_token_ids and isinstance(prompt_token_ids[0], int)
         prompts = [self.check_prompt(p, f"prompt {i}")
                    for i, p in enumerate([prompt_token_ids] if single else prompt_token_ids)]
         if stream_ids is not None and len(stream_ids) != len(prompts):
-            raise ValueError(f"stream_ids has {len(stream_ids)} entries for {len(prompts)} prompts; give one per prompt")
+            raise ValueError(f"stream_ids has {len(stream_ids)} entries for {len(prompts)} prompts; "
+                             "give one per prompt")
         key = (lambda tag: tag) if stream_ids is None else (lambda tag: (int(stream_ids[tag.prompt]), tag.sample))
         ecfg = self.engine_config
         sched = Scheduler(self.kv, prompts, params, self.stop_token_ids(params), self.max_model_len,
                           ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
         t0 = time.perf_counter()
+        rate, generated = Rate(), 0
         try:
-            with self.transaction():  # an error or interrupt anywhere: every page comes back
+            # an error or interrupt anywhere: every page comes back
+            with self.transaction(), progress_bar(progress, len(prompts) * params.n, "seq") as bar:
                 while not sched.done:
                     step = sched.schedule()
                     logits = self.forward(step.seqs) if step.seqs else None
                     seqs, logits = self._start_samples(step, logits)
                     tokens = self.sample_into(seqs, logits, params, [key(s.tag) for s in seqs])
+                    generated += len(seqs)
                     for s in sched.postprocess(seqs, tokens):
                         self.free(s)
                         results[s.tag.prompt][s.tag.sample] = self._completion(s, params)
+                        bar.update()
+                    bar.set_postfix_str(rate(generated), refresh=False)
         finally:
             self.stats.preemptions += sched.num_preemptions
             self.stats.wall_time += time.perf_counter() - t0

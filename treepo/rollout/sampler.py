@@ -32,6 +32,8 @@ from treepo.engine.engine import Engine
 from treepo.engine.kv_cache import KVCacheExhausted
 from treepo.engine.sampling import mix_seed
 from treepo.engine.sequence import Sequence
+from treepo.progress import Rate
+from treepo.progress import progress as progress_bar
 
 from . import branching
 from .text_rules import boxed_spans, has_repetition
@@ -80,12 +82,15 @@ class TreeSampler:
         # text rules read the decoded segment; without a tokenizer they see token ids (see README)
         self.decode_fn = decode_fn or ((lambda ids: tok.decode(ids)) if tok is not None else None)
         self.training_step = 0  # for the branching-temperature schedule
+        self._bar, self._rate, self._decoded0 = progress_bar(None), Rate(), 0  # sample() sets them
 
     # ------------------------------------------------------------------ public
     def sample(self, prompt_token_ids, params: SamplingParams | None = None,
-               keys: list[int] | None = None) -> list[Tree]:
+               keys: list[int] | None = None, progress: str | None = None) -> list[Tree]:
         """One tree per prompt. `keys` (default: the prompt's index) name each prompt's random
-        streams, so a prompt gets the same tree whatever batch or rank it is sampled in."""
+        streams, so a prompt gets the same tree whatever batch or rank it is sampled in.
+        progress: a label for a progress bar of leaves finished, with the tokens decoded per
+        second (treepo/progress.py: shown on a terminal only)."""
         params = params or SamplingParams()
         cfg, eng = self.config, self.engine
         prompts = [eng.check_prompt(p, f"prompt {i}") for i, p in enumerate(prompt_token_ids)]
@@ -113,7 +118,9 @@ class TreeSampler:
         todo = list(range(len(prompts)))
         # an error or a KeyboardInterrupt anywhere (prefill, fork, decode, fallback) gives every
         # page of the call back: the engine restores its pool as it was here (engine.transaction)
-        with eng.transaction():
+        self._bar = progress_bar(progress, len(prompts) * cfg.max_width, "leaf")
+        self._rate, self._decoded0 = Rate(), counters0["decode_tokens"]
+        with eng.transaction(), self._bar:
             while todo:
                 wave, budget = [], eng.kv_usage().num_free
                 while todo and (not wave or per_prompt[todo[0]] <= budget):
@@ -264,6 +271,8 @@ class TreeSampler:
                 st.finished.append((leaf, p))
             else:
                 eng.free(seq)
+        self._bar.update(finished_now)
+        self._bar.set_postfix_str(self._rate(eng.counters()["decode_tokens"] - self._decoded0), refresh=False)
         parents = []
         if survivors:
             total = branching.children_budget(cfg.max_width, len(tree.leaves), len(survivors), finished_now,

@@ -23,12 +23,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(engine, problems: list[Problem], scorer: ProblemScorer, n: int = 4, temperature: float = 0.6,
              max_tokens: int = 256, seed: int = 0, ks: tuple[int, ...] | None = None,
-             problem_ids: list[int] | None = None) -> dict:
+             problem_ids: list[int] | None = None, progress: str | None = None) -> dict:
     """Sample n completions per problem and score them with `scorer` (accuracy 1 where reward > 0).
 
     problem_ids: each problem's index in the whole evaluation set (default: its index here). The
     samples of a problem are seeded by (seed, its id), so a rank evaluating a slice draws exactly
     what one process evaluating everything draws: results do not depend on the world size.
+    progress: a label for a progress bar of completions finished (on a terminal only).
 
     Returns {source: {"mean@n", "maj@n", "pass@k"..., "response_len", "problems"}, "overall":
     size-weighted}; every metric key is present in every entry (maj@n is 0 for a problem where no
@@ -37,7 +38,7 @@ def evaluate(engine, problems: list[Problem], scorer: ProblemScorer, n: int = 4,
     tok = engine.tokenizer
     prompts = [render_prompt(tok, p.question) for p in problems]
     outs = engine.generate(prompts, SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed),
-                           stream_ids=problem_ids)
+                           stream_ids=problem_ids, progress=progress)
     ks = ks or tuple(sorted({1, n}))
     keys = metric_keys(ks)
     per = defaultdict(lambda: dict.fromkeys(keys, 0.0))

@@ -94,7 +94,8 @@ class RolloutCollector:
         reward calls failed."""
         prompts = [render_prompt(self.tokenizer, p.question) for p in problems]
         self.sampler.training_step = step
-        trees = self.sampler.sample(prompts, self.sampling, keys=keys)
+        trees = self.sampler.sample(prompts, self.sampling, keys=keys,
+                                    progress=f"step {step} sampling" if self.rank == 0 else None)
         texts, owners, ids = [], [], []
         for p, t in zip(problems, trees):
             for leaf in t.leaves:

@@ -30,6 +30,7 @@ from treepo.engine.engine import Engine
 from treepo.engine.loader import load_model
 from treepo.engine.tokenizer import load_tokenizer
 from treepo.losses import policy_loss, token_count_for_step
+from treepo.progress import progress as progress_bar
 from treepo.rollout.sampler import TreeSampler
 from treepo.rollout.tree import trees_to_batch
 
@@ -211,11 +212,18 @@ class Trainer:
         """logp_old [N, Lr] recomputed by the trained model (the sampler's are logged against it)."""
         old = torch.zeros_like(batch.mask) if batch is not None else None
         trees = list(range(len(batch.trees))) if batch is not None else []
-        for mb in self.micro_batches(batch, trees):
-            lp, _ = self.logprobs(self.model, batch, mb)
-            if mb is not None:
-                old[mb.rows] = lp.float().cpu() * batch.mask[mb.rows]
+        mbs = self.micro_batches(batch, trees)
+        with self._progress("old log-probs", len(mbs)) as bar:
+            for mb in mbs:
+                lp, _ = self.logprobs(self.model, batch, mb)
+                if mb is not None:
+                    old[mb.rows] = lp.float().cpu() * batch.mask[mb.rows]
+                bar.update()
         return old
+
+    def _progress(self, what: str, total: int):
+        """A progress bar of this step's `what` on rank 0 (treepo/progress.py: on a terminal only)."""
+        return progress_bar(f"step {self.step + 1} {what}" if self.rank == 0 else None, total, "micro-batch")
 
     def update(self, batch: StepBatch | None, old_lp: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
         """One optimizer step per mini-batch on the DAPO loss (token-mean over the mini-batch's
@@ -226,11 +234,14 @@ class Trainer:
         acc, grad_norms, skipped = TokenWeighted(), [], 0
         first_lp = torch.zeros_like(batch.mask) if batch is not None else None
         minis = batch.mini_batches(cfg.mini_batches) if batch is not None else [[]] * cfg.mini_batches
-        for mini in minis:
+        plans = [self.micro_batches(batch, mini) for mini in minis]
+        bar = self._progress("update", sum(len(p) for p in plans))
+        for mini, mbs in zip(minis, plans):
             rows = [r for t in mini for r in batch.tree_rows[t]] if batch is not None else []
             token_count = max(token_count_for_step([batch.mask[rows]] if rows else []), 1)
             self.optim.zero_grad(set_to_none=True)
-            for mb in self.micro_batches(batch, mini):
+            for mb in mbs:
+                bar.update()
                 lp, ent = self.logprobs(self.model, batch, mb)
                 if mb is not None:
                     mask = batch.mask[mb.rows].to(self.device)
@@ -256,6 +267,7 @@ class Trainer:
             else:
                 skipped += 1
             grad_norms.append(float(gn))
+        bar.close()
         lr = self.sched.get_last_lr()[0]  # the rate this step used (read before the scheduler moves on)
         self.sched.step()
         m = acc.reduce("actor/")
@@ -305,15 +317,18 @@ class Trainer:
         if self.heldout:  # --heldout_size 0: no held-out evaluation
             ev = evaluate(self.engine, self.heldout[self.rank::self.world], self.scorer, n=cfg.eval_n,
                           temperature=cfg.eval_temperature, max_tokens=cfg.eval_max_tokens, seed=cfg.seed,
-                          problem_ids=self._slice_ids(len(self.heldout)))
+                          problem_ids=self._slice_ids(len(self.heldout)), progress=self._eval_bar("heldout"))
             res.update(reduce_eval(ev, "heldout"))
         if cfg.eval_gsm8k and (final or self.step == 0):
             gsm = gsm8k_test()
             ev = evaluate(self.engine, gsm[self.rank::self.world], self.scorer, n=1,
                           temperature=cfg.eval_temperature, max_tokens=cfg.gsm8k_max_tokens, seed=cfg.seed,
-                          problem_ids=self._slice_ids(len(gsm)))
+                          problem_ids=self._slice_ids(len(gsm)), progress=self._eval_bar("GSM8K"))
             res.update(reduce_eval(ev, "gsm8k"))
         return res
+
+    def _eval_bar(self, name: str) -> str | None:
+        return f"eval {name} (step {self.step})" if self.rank == 0 else None
 
     def _slice_ids(self, n: int) -> list[int]:
         """Global indices of this rank's slice [rank::world] of n evaluation problems."""
