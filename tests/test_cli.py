@@ -20,8 +20,9 @@ from treepo.train.config import CHOICES, PRESETS, TrainConfig, parse_args
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def help_of(argv, capsys) -> str:
-    """--help's output, whitespace collapsed (argparse wraps to the terminal's width)."""
+def help_of(argv, capsys, monkeypatch) -> str:
+    """--help's output unwrapped (argparse wraps to $COLUMNS, breaking at hyphens), whitespace collapsed."""
+    monkeypatch.setenv("COLUMNS", "100000")
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
@@ -30,15 +31,15 @@ def help_of(argv, capsys) -> str:
 
 # ---------------------------------------------------------------------------- help (item 1)
 
-def test_treepo_help_lists_every_subcommand(capsys):
-    out = help_of(["--help"], capsys)
+def test_treepo_help_lists_every_subcommand(capsys, monkeypatch):
+    out = help_of(["--help"], capsys, monkeypatch)
     assert "{train,sample,info}" in out
     for cmd, text in [("train", "TreePO RL training"), ("sample", "sample completions"), ("info", "versions")]:
         assert re.search(rf"\b{cmd} {text}", out), (cmd, out)
 
 
-def test_train_help_shows_doc_default_valid_values_and_preset_values(capsys):
-    out = help_of(["train", "--help"], capsys)
+def test_train_help_shows_doc_default_valid_values_and_preset_values(capsys, monkeypatch):
+    out = help_of(["train", "--help"], capsys, monkeypatch)
     assert ('--packing NAME what one training forward computes (docs/training.md section 10): "tree" every unique '
             'token of a tree once, "prompt" only the prompt shared, "none" one padded row per leaf '
             '(default: tree; valid: tree, prompt, none)') in out
@@ -48,9 +49,9 @@ def test_train_help_shows_doc_default_valid_values_and_preset_values(capsys):
     assert '--betas JSON AdamW (JSON list) (default: [0.9, 0.999])' in out
 
 
-def test_every_train_field_is_a_flag_with_its_comment(capsys):
+def test_every_train_field_is_a_flag_with_its_comment(capsys, monkeypatch):
     """The field comments are the one source of the help: none is missing, each is shown."""
-    out = help_of(["train", "--help"], capsys)
+    out = help_of(["train", "--help"], capsys, monkeypatch)
     docs = field_docs(TrainConfig)
     assert list(docs) == [f.name for f in dataclasses.fields(TrainConfig)]
     for name, doc in docs.items():
@@ -220,3 +221,18 @@ def test_main_sh_runs_treepo_in_the_callers_directory(tmp_path):
     assert main_sh("sample", "--tree", "--html", "pic.html") == [str(caller), "sample", "--tree", "--html", "pic.html"]
     assert main_sh() == [str(caller), "train"]
     assert (repo / "setup.log").read_text().count("setup ran in") == 2
+
+
+def test_without_the_source_flags_still_parse(monkeypatch):
+    import inspect
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    field_docs.cache_clear()
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    try:
+        assert field_docs(TrainConfig) == {}
+        assert parse_args(["--segment-len", "8"]).segment_len == 8
+    finally:
+        field_docs.cache_clear()

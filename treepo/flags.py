@@ -44,8 +44,12 @@ def field_docs(cls) -> dict[str, str]:
 
     A field's doc is the comment on its line(s) plus the comment-only lines directly below it (up to
     a blank line or the next statement), joined with spaces; a field without a comment maps to "".
+    Without the source (a bytecode-only install) every doc is "": flags still parse, --help is terse.
     """
-    src = textwrap.dedent(inspect.getsource(cls))
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
     lines = src.splitlines()
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
