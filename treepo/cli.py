@@ -84,7 +84,7 @@ def cmd_sample(args):
     if args.tree:
         return _sample_tree(eng, ids, params, args)
     t0 = time.perf_counter()
-    outs = eng.generate([ids], params)[0]
+    outs = eng.generate([ids], params, progress="sampling")[0]
     gen_s = time.perf_counter() - t0
     for i, c in enumerate(outs):
         mean_lp = sum(c.logprobs) / len(c.logprobs)
@@ -103,7 +103,7 @@ def _sample_tree(eng, ids, params, args):
 
     cfg = TreeConfig(segment_len=args.segment_len, max_depth=args.depth, max_width=args.n,
                      branch_factor=args.branch, seed=args.seed)
-    (tree,) = TreeSampler(eng, cfg).sample([ids], params)
+    (tree,) = TreeSampler(eng, cfg).sample([ids], params, progress="sampling a tree")
     dec = eng.tokenizer.decode
     print(outline(tree, dec))
     for i, leaf in enumerate(tree.leaves):
