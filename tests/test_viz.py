@@ -18,10 +18,11 @@ from html.parser import HTMLParser
 import pytest
 
 from tests.tree_cases import KINDS, build_tree, random_tree
-from treepo.rollout.viz import BOX, SNIPPET, clean, outline, trees_html
+from treepo.rollout.viz import BOX, SNIPPET, _reward_color, clean, outline, trees_html
 
 WORDS = {3: "Let's", 4: " add", 5: ' "7"', 6: " and 5", 7: "<script>alert('x')</script>", 8: " = 12.",
          9: " \\boxed{12}", 10: " <|im_end|>", 11: " O'Brien & co", 12: " think\n\nagain", 13: " wait"}
+RED, YELLOW, GREEN = "hsl(0,70%,82%)", "hsl(60,70%,82%)", "hsl(120,70%,82%)"
 SPECIAL_ID = 2  # a special token: dropped by the tokenizer-like decode when skip_special_tokens=True
 
 
@@ -170,6 +171,16 @@ def test_boxes_fit_the_page_and_never_overlap(kind):
         for tops in columns.values():
             tops.sort()
             assert all(b - a >= BOX for a, b in zip(tops, tops[1:]))
+
+
+def test_reward_colours():
+    assert [_reward_color(r, -1.0, 1.0) for r in (-1.0, 0.0, 1.0)] == [RED, YELLOW, GREEN]
+    assert [_reward_color(r, r, r) for r in (-1.0, 0.0, 1.0)] == [RED, YELLOW, GREEN]  # all equal: the sign
+    tree = hand_tree()
+    page = trees_html([tree], rewards=[[-1.0] * len(tree.leaves)])
+    assert "reward -1 (every leaf)" in page and page.count(f"background:{RED}") == 2 * len(tree.leaves) + 1
+    page = trees_html([tree, tree], rewards=[[-1.0] * 4, [0.0, 1.0, 0.0, 0.0]])  # one scale for the page
+    assert 'reward -1<span class="grad"></span>1' in page and page.count(f"background:{GREEN}") == 2
 
 
 def test_outline_hides_special_tokens():

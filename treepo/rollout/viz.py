@@ -83,8 +83,8 @@ def outline(tree: Tree, decode=None, width: int = 60) -> str:
 
 
 def _reward_color(r: float, lo: float, hi: float) -> str:
-    """Light red (lo) -> yellow -> light green (hi)."""
-    x = 0.5 if hi == lo else (r - lo) / (hi - lo)
+    """Light red (lo) -> yellow -> light green (hi); when every reward is the same, its sign decides."""
+    x = (r - lo) / (hi - lo) if hi > lo else 0.5 + 0.5 * ((r > 0) - (r < 0))
     return f"hsl({120 * x:.0f},70%,82%)"
 
 
@@ -308,7 +308,13 @@ def trees_html(trees: list[Tree], decode=None, rewards: list[list[float]] | None
     span = (min(every), max(every)) if every else None
     chips = "".join(f'<span class="chip" style="background:{c}"></span>{k or "inner node"}'
                     for k, c in COLORS.items())
-    scale = (f' &middot; leaf fill: reward {span[0]:g}<span class="grad"></span>{span[1]:g}' if span else "")
+    if span and span[0] < span[1]:
+        scale = f' &middot; leaf fill: reward {span[0]:g}<span class="grad"></span>{span[1]:g}'
+    elif span:
+        scale = (f' &middot; leaf fill: reward {span[0]:g} (every leaf)<span class="chip" '
+                 f'style="background:{_reward_color(span[0], *span)}"></span>')
+    else:
+        scale = ""
     parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width,initial-scale=1">',
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
