@@ -16,8 +16,9 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from trainer_fixtures import tiny_checkpoint
+from tree_cases import KINDS, build_tree, random_tree
 
-from tests.tree_cases import KINDS, build_tree, random_tree
 from treepo.rollout.viz import BOX, SNIPPET, _reward_color, clean, outline, trees_html
 
 WORDS = {3: "Let's", 4: " add", 5: ' "7"', 6: " and 5", 7: "<script>alert('x')</script>", 8: " = 12.",
@@ -41,10 +42,10 @@ class Tokenizer:
 
 
 def hand_tree():
-    """prompt -> #1 -> {#2 -> {#4, #5}, #3, #6}: leaves #3 #4 #5 #6 (in that order), #6 an empty fallback
-    segment, #3 ends with `<|im_end|>` and a special token."""
+    """prompt -> #1 -> {#2 -> {#4, #5}, #3, #6}: leaves #3 #4 #5 #6 (in that order), #6 a fallback
+    segment of one special token, #3 ends with `<|im_end|>` and a special token."""
     edges = [(0, [3, 4, 5, 6], False), (1, [7, 8], False), (1, [9, 10, SPECIAL_ID], False),
-             (2, [11, 12], False), (2, [13], False), (1, [], True)]
+             (2, [11, 12], False), (2, [13], False), (1, [SPECIAL_ID], True)]
     return build_tree([3, 4, SPECIAL_ID, 5], edges, random.Random(0))
 
 
@@ -111,11 +112,11 @@ def test_page_shows_each_node_and_leaf_readably(decode_kind):
     for n in tree.nodes[1:]:
         seg = clean(decode_plain([i for i in n.token_ids if i != SPECIAL_ID]))
         box = p.nodes[n.id]
-        assert box["txt"] == (snip(seg) or "(empty)")
+        assert box["txt"] == (snip(seg) or "(no text)")
         assert box["attrs"]["title"] == seg  # the whole segment on hover, unescaped by the parser
         assert box["attrs"]["data-p"] == str(n.parent)
         assert f"#{n.id}" in box["meta"] and f"d{n.depth}" in box["meta"] and f"{len(n.token_ids)} tok" in box["meta"]
-    assert p.nodes[6]["meta"] == "#6 · d2 · 0 tok · eos · r=0.5 · fallback"
+    assert p.nodes[6]["meta"] == "#6 · d2 · 1 tok · eos · r=0.5 · fallback" and p.nodes[6]["txt"] == "(no text)"
     assert p.nodes[4]["meta"] == "#4 · d3 · 2 tok · eos · r=0" and p.nodes[2]["meta"] == "#2 · d2 · 2 tok"
     assert p.nodes[3]["txt"] == "\\boxed{12}"
     assert p.nodes[0]["txt"] == 'prompt "<q>"'
@@ -168,6 +169,7 @@ def test_boxes_fit_the_page_and_never_overlap(kind):
             assert 0 <= left and left + width < 100
             columns.setdefault(left, []).append(float(style["top"].rstrip("px")))
         assert len(columns) == max(n.depth for n in tree.nodes) + 1
+        assert all(p.nodes[n.id]["txt"] == "(empty)" for n in tree.nodes[1:] if not n.token_ids)
         for tops in columns.values():
             tops.sort()
             assert all(b - a >= BOX for a, b in zip(tops, tops[1:]))
@@ -186,6 +188,19 @@ def test_reward_colours():
 def test_outline_hides_special_tokens():
     text = outline(hand_tree(), Tokenizer().decode)
     assert "im_end" not in text and "endoftext" not in text and "<script>" in text
+
+
+def test_cli_sample_tree_writes_the_page_with_rewards(tmp_path, capsys):
+    from treepo.cli import main
+
+    model, page = tiny_checkpoint(str(tmp_path / "model")), tmp_path / "tree.html"
+    main(["sample", "--tree", "--model", model, "--raw", "--prompt", "abc", "-n", "4", "--max-tokens", "8",
+          "--segment-len", "4", "--depth", "2", "--answer", "7", "--html", str(page)])
+    out = capsys.readouterr().out
+    assert out.count("--- leaf") == 4 and out.count("reward -1, advantage +0.000") == 4  # no leaf says 7
+    p = Page(page.read_text())
+    assert len(p.rows) == 4 and all(r["cells"][5:7] == ["-1", "+0.000"] for r in p.rows)
+    assert p.nodes[0]["txt"] == "abc"
 
 
 # ---------------------------------------------------------------------------- in a real browser

@@ -176,7 +176,7 @@ def tree_html(tree: Tree, index: int, decode=None, rewards: list[float] | None =
         if n.from_fallback:
             meta.append("fallback")
         meta_s = " &middot; ".join(html.escape(m) for m in meta)
-        body = html.escape(snip) if snip else '<i class="empty">(empty)</i>'
+        body = html.escape(snip) or f'<i class="empty">({"no text" if n.token_ids else "empty"})</i>'
         boxes.append(f'<div class="{cls}" data-n="{n.id}" data-p="{n.parent}" style="{style}" '
                      f'title="{html.escape(seg)}"><div class="meta">{meta_s}</div><div class="txt">{body}</div></div>')
 
