@@ -32,7 +32,7 @@ COLORS = {"answer": "#2e9e44", "eos": "#3a7bd5", "repetition": "#e8891c", "max_l
           "max_depth": "#8e44ad", None: "#ffffff"}
 """Finish reason -> colour (None: an inner node)."""
 
-SNIPPET = 40  # characters of a segment's text shown in its box
+SNIPPET = 60  # characters of a segment's text shown in its box (two lines)
 ROW, BOX = 64, 56  # px per leaf row; box height (< ROW, so boxes in one column never overlap)
 SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|im_end|>, <|endoftext|>, <|start_header_id|>, ...
 
