@@ -269,7 +269,9 @@ JS = """
     for (k = n; k !== undefined; k = par[k]) chain.unshift('#' + k);
     tree.querySelector('.status').textContent = clear ? 'click a node or a leaf to highlight its path'
       : 'path ' + chain.join(' \\u2192 ') + ', ' + count + (count === 1 ? ' leaf' : ' leaves') + ' below';
-    if (remember) history.replaceState(null, '', clear ? location.pathname : '#' + tree.id + 'n' + n);
+    try {  // some browsers refuse history changes on file:// pages: the highlight stays all the same
+      if (remember) history.replaceState(null, '', clear ? location.pathname : '#' + tree.id + 'n' + n);
+    } catch (err) {}
   }
   document.addEventListener('click', function (ev) {
     var e = ev.target.closest('[data-n]'), tree = e && e.closest('.tree');
