@@ -105,13 +105,26 @@ def _sample_tree(eng, ids, params, args):
                      branch_factor=args.branch, seed=args.seed)
     (tree,) = TreeSampler(eng, cfg).sample([ids], params, progress="sampling a tree")
     dec = eng.tokenizer.decode
+    texts = [dec(leaf.token_ids, skip_special_tokens=True) for leaf in tree.leaves]
+    rewards = advantages = None
+    if args.answer is not None:  # score the leaves as the trainer does: math reward, tree advantages
+        import torch
+
+        from treepo.advantages import tree_advantages
+        from treepo.train.rewards import math_reward
+
+        rewards = [math_reward(t, args.answer) for t in texts]
+        advantages = tree_advantages(torch.tensor(rewards), [leaf.path for leaf in tree.leaves],
+                                     torch.zeros(len(rewards), dtype=torch.long)).tolist()
     print(outline(tree, dec))
-    for i, leaf in enumerate(tree.leaves):
+    for i, (leaf, text) in enumerate(zip(tree.leaves, texts)):
+        scored = f", reward {rewards[i]:g}, advantage {advantages[i]:+.3f}" if rewards else ""
         print(f"--- leaf {i} (depth {leaf.depth}, {len(leaf.token_ids)} tokens, {leaf.finish_reason}"
-              f"{', fallback' if leaf.from_fallback else ''})")
-        print(dec(leaf.token_ids, skip_special_tokens=True))
+              f"{', fallback' if leaf.from_fallback else ''}{scored})")
+        print(text)
     with open(args.html, "w") as f:
-        f.write(trees_html([tree], dec, prompts_text=[args.prompt]))
+        f.write(trees_html([tree], dec, [rewards] if rewards else None, [args.prompt],
+                           [advantages] if advantages else None))
     st = tree.stats
     print(f"--- {len(tree.leaves)} leaves in {st.wall_time:.2f}s; {st.processed_tokens} tokens processed "
           f"({st.prefill_tokens} prefill), peak KV pages {st.peak_kv_pages}; picture: {args.html}", file=sys.stderr)
@@ -178,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("branch", type=int, default=2, help="--tree: children of a node that branches")
     arg("html", default="treepo_tree.html", help="where --tree writes its picture (relative: to the current "
                                                  "directory)")
+    arg("answer", default=None, help="--tree: the correct answer; leaves get the math reward and tree advantages")
     sp.set_defaults(func=cmd_sample)
     ip = sub.add_parser("info", help="versions and available attention backends")
     ip.set_defaults(func=cmd_info)

@@ -2,7 +2,7 @@
 
 tree (TreeConfig, Node, Leaf, Tree, FINISH_REASONS) -> branching (budget and children allocation,
 pure functions) -> sampler (the level-synchronous TreePO loop) with text_rules (boxed answers,
-repetition) -> viz (outline and SVG pictures of trees).
+repetition) -> viz (outline and a readable HTML page of trees).
 """
 from .sampler import TreeSampler
 from .tree import FINISH_REASONS, Leaf, Node, Tree, TreeConfig
