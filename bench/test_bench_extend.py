@@ -6,7 +6,8 @@ kernels, the new tokens causal among themselves, merged by LSE; plan outside the
 engine's torch backend (SDPA over gathered pages, the step's K/V append included); SDPA on
 per-sequence materialised KV with a bottom-right causal mask; flash-attn's
 `flash_attn_with_kvcache` (causal) on the same materialised KV when installed. Ours and flash-attn
-run in bf16, torch and SDPA in `suite.torch_dtype` (fp32 on a CPU without native bf16).
+run in bf16 (fp16 under the Triton interpreter), torch and SDPA in `suite.torch_dtype` (fp32 on a
+CPU without native bf16).
 
 Shapes: `seqs` sequences of `new` tokens each on top of a `shared`-token context they all hold
 (bench_cpu_kernels.grow: the prompt forked into the sequences). shared = 0 is a prefill
@@ -127,10 +128,12 @@ def _provider(provider, c, device, shape_set, extra):
         qs = q.to(dt).view(B, n, Hq, D).transpose(1, 2)  # [B, H_q, n, D]
         i = torch.arange(n, device=device)
         mask = torch.arange(L, device=device)[None] <= (L - n + i)[:, None]  # [n, L] bottom-right causal
+        mask = None if L == n else mask  # a prefill: is_causal (SDPA's flash path on CUDA)
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
         def fn():
-            return sdpa(qs, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2).reshape(T, Hq, D)
+            o = sdpa(qs, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            return o.transpose(1, 2).reshape(T, Hq, D)
         return fn
     assert provider == "flash_attn", provider
     fa = need_module("flash_attn", device)

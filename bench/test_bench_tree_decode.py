@@ -7,8 +7,8 @@ K/V append included, as the engine calls it); torch SDPA on per-leaf materialise
 masked); flash-attn's `flash_attn_with_kvcache` on the same materialised KV and FlashInfer's batch
 decode on our paged pool (bench_kernels.py's wrapper), when installed. The planner runs once per
 step for all layers, outside the timed part (`plan_ms` in extra_info). Our kernels, flash-attn and
-FlashInfer run in bf16; torch and SDPA in `suite.torch_dtype` (fp32 on a CPU without native bf16,
-on a copy of the pool; extra_info["dtype"]).
+FlashInfer run in bf16 (fp16 under the Triton interpreter); torch and SDPA in `suite.torch_dtype`
+(fp32 on a CPU without native bf16, on a copy of the pool; extra_info["dtype"]).
 
 Shapes are built by the scripts' builder (`bench_kernels.build`): tiny = its smoke shape, gpu =
 its SHAPES, cpu = bench_cpu_kernels.py's cases (SmolLM2 heads 9 / 3 / 64, bf16, pages of 16).
