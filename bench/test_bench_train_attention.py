@@ -2,7 +2,13 @@
 
 Providers: the impls of `TreeAttention` - triton (treepo_kernels/tree_attention.py), gathered (the
 CPU default), per_tree, dense (the reference's one SDPA with the [T, T] mask), per_tree_bf16 and
-flex (compiled FlexAttention with a block mask). Two benchmarks per shape: a no-grad forward
+flex (compiled FlexAttention with a block mask) - and two baselines without tree packing, over one
+row per leaf (prompt + its whole path, as packing "none" computes; inputs gathered into rows
+outside the timed part): rows_sdpa (padded rows, causal SDPA) and rows_flash_attn (flash-attn's
+`flash_attn_varlen_func` over the unpadded rows, CUDA, when installed). A row's output at a token
+equals the packed output of that token, and weighting each row's output gradient by 1 / (rows
+holding the token) makes the rows' input gradients, summed back onto the packed tokens, equal the
+packed gradients: both are checked. Two benchmarks per shape: a no-grad forward
 (`train_attention_fwd:<shape>`, e.g. the old policy's log-probs) and forward + backward
 (`train_attention_fwd_bwd:<shape>`). The TreeAttention (masks, plans) is built once per
 micro-batch outside the timed part (`setup_ms`); triton builds its plan at the first call, the
@@ -11,15 +17,17 @@ autocast "auto"; bf16 on CUDA).
 
 Skipped: FlexAttention's backward on a CPU (torch has none); flex on a CPU on the tiny shapes
 (its first compile takes ~30 s); on CUDA, an impl whose estimated working memory (dense / per-tree
-scores, gathered K/V copies) exceeds MEMORY_LIMIT (the paper shape runs triton and flex only).
+scores, gathered K/V copies) exceeds MEMORY_LIMIT (the paper shape runs triton, flex and the rows
+baselines).
 
 Shapes: micro-batches of `make_tree` trees (bench_tree_attention.py's builder) planned as its
 `micro_batch` does (as many trees as fit in `budget` tokens): cpu = its two cases (SmolLM2 heads),
 gpu = the same trees with 32 / 8 / 128 heads, larger trees and the paper's 16-leaf tree of
-97,792 packed tokens. extra_info: trees, T (unique tokens), leaf_tokens (what per-leaf rows would
-compute), visible (query, key) pairs, TFLOP/s (forward 4 D H_q pairs; forward + backward 3.5x
-that, the FlashAttention convention). Reference: `reference` below, the contract of
-`tree_attention_ref` in fp32, query block by block (its backward by hand), so it fits the paper shape.
+97,792 packed tokens. extra_info: trees, T (unique tokens), leaf_tokens (what per-leaf rows
+compute), visible (query, key) pairs of the packed layout, TFLOP/s on that unique work for every
+provider (forward 4 D H_q pairs; forward + backward 3.5x that, the FlashAttention convention).
+Reference: `reference` below, the contract of `tree_attention_ref` in fp32, query block by block
+(its backward by hand), so it fits the paper shape.
 """
 import math
 import time
@@ -27,9 +35,9 @@ import time
 import pytest
 import torch
 from bench_tree_attention import make_tree
-from suite import check, need_triton, slug, torch_dtype
+from suite import check, need_module, need_triton, slug, torch_dtype
 
-PROVIDERS = ["triton", "gathered", "per_tree", "dense", "per_tree_bf16", "flex"]
+PROVIDERS = ["triton", "gathered", "per_tree", "dense", "per_tree_bf16", "flex", "rows_sdpa", "rows_flash_attn"]
 MEMORY_LIMIT = 16 * 2**30  # bytes of an impl's largest intermediates (CUDA)
 
 
@@ -75,6 +83,27 @@ def reference(q, k, v, visible_end, do, rows=128):
     return out.transpose(0, 1), dq.transpose(0, 1), *per_kv
 
 
+def leaf_rows(batch, trees):
+    """Packed indices of each leaf's row (its tree's prompt, then its path's tokens): pos [n_leaves,
+    L_max] int64 (0 past a row's end) and valid [n_leaves, L_max] bool."""
+    W = int(batch.pair_pos.max()) + 1
+    resp = torch.full((batch.n_leaves, W), -1, dtype=torch.long)
+    resp[batch.pair_row, batch.pair_pos] = batch.target_index[batch.pair_unique]
+    rows = []
+    for tree, start in zip(trees, batch.seq_offsets.tolist()):
+        prompt = torch.arange(start, start + len(tree.prompt_token_ids))
+        for _ in tree.leaves:
+            r = resp[len(rows)]
+            rows.append(torch.cat([prompt, r[r >= 0]]))
+    L = max(len(r) for r in rows)
+    pos = torch.zeros(len(rows), L, dtype=torch.long)
+    valid = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        pos[i, :len(r)] = r
+        valid[i, :len(r)] = True
+    return pos, valid
+
+
 @pytest.fixture(scope="module")
 def case(shape, device):
     """The packed micro-batch, inputs, output gradient and fp32 reference of one shape."""
@@ -84,7 +113,10 @@ def case(shape, device):
     g = torch.Generator().manual_seed(0)
     trees = [make_tree(g, prompt, seg, branching) for _ in range(n_trees)]
     first = plan_micro_batches([packed_size(t) for t in trees], budget)[0]
-    batch = pack_trees([trees[i] for i in first], "tree").to(device)
+    trees = [trees[i] for i in first]
+    batch = pack_trees(trees, "tree")
+    pos, valid = (x.to(device) for x in leaf_rows(batch, trees))
+    batch = batch.to(device)
     T = batch.tokens
     dtype = torch_dtype(device)
     q = torch.randn(T, Hq, D, generator=g).to(device, dtype).requires_grad_()
@@ -92,8 +124,8 @@ def case(shape, device):
     go = torch.randn(T, Hq, D, generator=g).to(device, dtype)
     ref = reference(q.detach(), k.detach(), v.detach(), batch.visible_end, go)
     pairs = int((batch.visible_end - torch.arange(T, device=device)).sum())
-    info = dict(trees=len(first), T=T, leaf_tokens=batch.leaf_tokens, pairs=pairs, dtype=str(dtype))
-    yield dict(batch=batch, q=q, k=k, v=v, go=go, ref=ref, info=info, flops=4 * D * Hq * pairs)
+    info = dict(trees=len(trees), T=T, leaf_tokens=batch.leaf_tokens, pairs=pairs, dtype=str(dtype))
+    yield dict(batch=batch, q=q, k=k, v=v, go=go, ref=ref, info=info, flops=4 * D * Hq * pairs, pos=pos, valid=valid)
     if device.type == "cuda":
         del batch, q, k, v, go, ref
         torch.cuda.empty_cache()
@@ -113,7 +145,7 @@ def _memory(impl, c) -> int:
         K = gather_plan(batch.visible_end)[0].shape[1]
         nb = -(-T // GATHER_BLOCK)
         return nb * K * (2 * k.shape[1] * D * q.element_size() + GATHER_BLOCK * Hq * 4)
-    return 0
+    return 0  # triton, flex, the rows baselines (causal SDPA: flash kernels on CUDA): O(T) memory
 
 
 def _attention(provider, c, device, shape_set, backward, extra):
@@ -127,38 +159,95 @@ def _attention(provider, c, device, shape_set, backward, extra):
             pytest.skip(f"FlexAttention has no backward on a CPU in torch {torch.__version__}")
         if shape_set == "tiny":
             pytest.skip("FlexAttention's first compile on a CPU takes ~30 s: not on the tiny shapes")
-    if device.type == "cuda" and _memory(provider, c) > MEMORY_LIMIT:
-        pytest.skip(f"{provider} needs ~{_memory(provider, c) / 2**30:.0f} GiB of intermediates at T={c['q'].shape[0]}")
     t0 = time.perf_counter()
     attn = TreeAttention.from_batch(c["batch"], provider)
     extra["setup_ms"] = (time.perf_counter() - t0) * 1e3
     return attn
 
 
+def _rows(provider, c, device):
+    """(inputs, attend): the leaves' rows of q, k, v (leaf tensors; [n, H, L_max, D] padded for
+    rows_sdpa, [R, H, D] unpadded for rows_flash_attn) and attend(q, k, v) -> output in that layout."""
+    pos, valid = c["pos"], c["valid"]
+    if provider == "rows_sdpa":
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        inputs = [x.detach()[pos].transpose(1, 2).contiguous().requires_grad_() for x in (c["q"], c["k"], c["v"])]
+        # right padding: a valid query's causal keys are all valid
+        return inputs, lambda q, k, v: sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    fa = need_module("flash_attn", device)
+    lens = valid.sum(1)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=device)
+    cu[1:] = lens.cumsum(0)
+    L = int(lens.max())
+    inputs = [x.detach()[pos[valid]].requires_grad_() for x in (c["q"], c["k"], c["v"])]  # [R, H, D]
+    return inputs, lambda q, k, v: fa.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=True)
+
+
+def _from_rows(provider, c, x):
+    """A rows-layout tensor's valid tokens, [R, H, D] in row order (pos[valid] gives their packed index)."""
+    return x.transpose(1, 2)[c["valid"]] if provider == "rows_sdpa" else x
+
+
+def _to_packed(provider, c, x):
+    """Row gradients summed onto the packed tokens they were gathered from: [T, H, D]."""
+    x = _from_rows(provider, c, x)
+    out = torch.zeros(c["q"].shape[0], *x.shape[1:], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, c["pos"][c["valid"]], x.float())
+
+
 def _tol_dtype(provider, q):
     return torch.bfloat16 if provider == "per_tree_bf16" else q.dtype
 
 
-def test_train_attention_fwd(case, provider, shape, device, shape_set, timed):
-    q, k, v = case["q"], case["k"], case["v"]
-    attn = _attention(provider, case, device, shape_set, False, timed.extra_info)
+def _skip_if_too_big(provider, c, device):
+    if device.type == "cuda" and _memory(provider, c) > MEMORY_LIMIT:
+        pytest.skip(f"{provider} needs ~{_memory(provider, c) / 2**30:.0f} GiB of intermediates at T={c['q'].shape[0]}")
 
-    def fn():
-        with torch.no_grad():
-            return attn(0, q, k, v)
-    err = check(provider, fn(), case["ref"][0], _tol_dtype(provider, q))
+
+def test_train_attention_fwd(case, provider, shape, device, shape_set, timed):
+    _skip_if_too_big(provider, case, device)
+    q, k, v = case["q"], case["k"], case["v"]
+    ref = case["ref"][0]
+    if provider.startswith("rows_"):
+        (qr, kr, vr), attend = _rows(provider, case, device)
+
+        def fn():
+            with torch.no_grad():
+                return attend(qr, kr, vr)
+        out, ref = _from_rows(provider, case, fn()), ref[case["pos"][case["valid"]]]
+    else:
+        attn = _attention(provider, case, device, shape_set, False, timed.extra_info)
+
+        def fn():
+            with torch.no_grad():
+                return attn(0, q, k, v)
+        out = fn()
+    err = check(provider, out, ref, _tol_dtype(provider, q))
     s = timed(fn, f"train_attention_fwd:{shape[0]}", **case["info"], rel_err=err)
     if s:
         timed.extra_info["TFLOPs"] = case["flops"] / s / 1e12
 
 
 def test_train_attention_fwd_bwd(case, provider, shape, device, shape_set, timed):
+    _skip_if_too_big(provider, case, device)
     q, k, v, go = case["q"], case["k"], case["v"], case["go"]
-    attn = _attention(provider, case, device, shape_set, True, timed.extra_info)
+    if provider.startswith("rows_"):
+        inputs, attend = _rows(provider, case, device)
+        pos, valid = case["pos"], case["valid"]
+        holders = torch.bincount(pos[valid], minlength=q.shape[0]).clamp_min(1)  # rows holding each token
+        go_rows = (go.float() / holders[:, None, None]).to(go.dtype)
+        go_rows = go_rows[pos].transpose(1, 2) * valid[:, None, :, None] if provider == "rows_sdpa" \
+            else go_rows[pos[valid]]
 
-    def fn():
-        return torch.autograd.grad(attn(0, q, k, v), (q, k, v), go)
-    grads = fn()
+        def fn():
+            return torch.autograd.grad(attend(*inputs), inputs, go_rows)
+        grads = [_to_packed(provider, case, x) for x in fn()]
+    else:
+        attn = _attention(provider, case, device, shape_set, True, timed.extra_info)
+
+        def fn():
+            return torch.autograd.grad(attn(0, q, k, v), (q, k, v), go)
+        grads = fn()
     tol = _tol_dtype(provider, q)
     errs = [check(f"{provider} d{n}", x, r, tol) for n, x, r in zip("qkv", grads, case["ref"][1:])]
     s = timed(fn, f"train_attention_fwd_bwd:{shape[0]}", **case["info"], rel_err=max(errs))
