@@ -60,10 +60,11 @@ def case(shape, device, kernel_dtype):
     ref = paged_attention_ref(q.float(), kv.k[0].float(), kv.v[0].float(), meta.block_tables, meta.cu_q, kv_lens)[0]
     pairs = seqs * (new * shared + new * (new + 1) // 2)  # visible (query, key) pairs
     info = dict(seqs=seqs, tokens=T, unique_tokens=shared + T, path_tokens=sum(lens))
-    yield dict(kv=kv, meta=meta, tables=tables, lens=lens, q=q, kv_lens=kv_lens, ref=ref, info=info,
-               flops=4 * D * Hq * pairs, new=new)
+    c = dict(kv=kv, meta=meta, tables=tables, lens=lens, q=q, kv_lens=kv_lens, ref=ref, info=info,
+             flops=4 * D * Hq * pairs, new=new)
+    yield c
+    c.clear()  # free this shape's tensors before the next shape's are built
     if device.type == "cuda":
-        del kv, ref
         torch.cuda.empty_cache()
 
 

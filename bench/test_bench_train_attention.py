@@ -125,9 +125,10 @@ def case(shape, device):
     ref = reference(q.detach(), k.detach(), v.detach(), batch.visible_end, go)
     pairs = int((batch.visible_end - torch.arange(T, device=device)).sum())
     info = dict(trees=len(trees), T=T, leaf_tokens=batch.leaf_tokens, pairs=pairs, dtype=str(dtype))
-    yield dict(batch=batch, q=q, k=k, v=v, go=go, ref=ref, info=info, flops=4 * D * Hq * pairs, pos=pos, valid=valid)
+    c = dict(batch=batch, q=q, k=k, v=v, go=go, ref=ref, info=info, flops=4 * D * Hq * pairs, pos=pos, valid=valid)
+    yield c
+    c.clear()  # free this shape's tensors before the next shape's are built
     if device.type == "cuda":
-        del batch, q, k, v, go, ref
         torch.cuda.empty_cache()
 
 

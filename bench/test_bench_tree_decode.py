@@ -70,10 +70,11 @@ def case(shape, device, kernel_dtype):
     ref = paged_attention_ref(q.float(), kv.k[0].float(), kv.v[0].float(), bt, cu, kv_lens)[0]
     info = dict(leaves=B, path_tokens=tree.path_tokens, unique_tokens=tree.unique_tokens,
                 sol=tree.path_tokens / tree.unique_tokens, plan_ms=plan_ms)
-    yield dict(kv=kv, tables=tables, lens=lens, q=q, tree=tree, plain=plain, ref=ref, info=info,
-               flops=4 * D * Hq * tree.path_tokens, unique_bytes=2 * Hkv * D * q.element_size() * tree.unique_tokens)
+    c = dict(kv=kv, tables=tables, lens=lens, q=q, tree=tree, plain=plain, ref=ref, info=info,
+             flops=4 * D * Hq * tree.path_tokens, unique_bytes=2 * Hkv * D * q.element_size() * tree.unique_tokens)
+    yield c
+    c.clear()  # free this shape's tensors before the next shape's are built
     if device.type == "cuda":
-        del kv, ref
         torch.cuda.empty_cache()
 
 
