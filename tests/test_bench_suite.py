@@ -21,6 +21,7 @@ def test_default_run_does_not_collect_the_suite():
 
 
 def test_every_benchmark_file_runs_on_tiny_shapes():
+    pytest.importorskip("pytest_benchmark", reason="the suite needs pytest-benchmark (the [test] extra)")
     from treepo_kernels import cpu
 
     env = dict(os.environ, TRITON_INTERPRET="1", TREEPO_BENCH_THREADS="2",
