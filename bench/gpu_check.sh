@@ -2,9 +2,11 @@
 # The GPU check, run once per GPU session: (1) the GPU tests (bf16, large shapes, CUDA graph
 # capture) and the Triton kernel tests compiled for the device, (2) the kernel benchmark, (3) the
 # attention-for-training benchmark (tree attention vs FlexAttention vs varlen), (4) the engine-level
-# tree vs sequential sampling benchmark on the GPU. Writes everything to OUT_DIR.
-# Budget: about 9 minutes on one H200 at worst (the timeouts: 200 + 120 + 150 + 60 s); each part
-# has its own timeout so one hang does not cost the others.  Usage: bash bench/gpu_check.sh OUT_DIR
+# tree vs sequential sampling benchmark on the GPU, (5) if time is left (the run tool stops a
+# command at 600 s), the pytest-benchmark kernel suite (bench/test_bench_*.py) on the gpu shapes with
+# short rounds. Writes everything to OUT_DIR. Budget: parts 1-4 at most 9 minutes on one H200 (the
+# timeouts: 200 + 120 + 150 + 60 s); each part has its own timeout so one hang does not cost the
+# others.  Usage: bash bench/gpu_check.sh OUT_DIR
 set -uo pipefail
 OUT="${1:?usage: bash bench/gpu_check.sh OUT_DIR}"
 mkdir -p "$OUT"
@@ -38,4 +40,15 @@ echo "bench_train_attention rc=$?" >>"$OUT/summary.txt"
 # TODO: bench/bench_engine.py has no --device flag (CPU only); add one, then run it here too.
 timeout 60 $PY bench/bench_sampling.py --splits 4x64 --threads 8 >"$OUT/bench_sampling.txt" 2>&1
 echo "bench_sampling rc=$?" >>"$OUT/summary.txt"
+# 5. the kernel microbenchmark suite, every provider checked against its reference before timing;
+# only with time left before 570 s (SECONDS counts from the script's start)
+LEFT=$((570 - SECONDS))
+if [ "$LEFT" -gt 60 ]; then
+timeout "$LEFT" $PY -m pytest bench/ --benchmark-only --bench-shapes gpu --benchmark-min-rounds=3 \
+  --benchmark-max-time=0.1 --benchmark-columns=median,iqr,min,rounds --benchmark-json="$OUT/pytest_benchmark.json" \
+  -rs -p no:cacheprovider >"$OUT/pytest_benchmark.txt" 2>&1
+echo "pytest_benchmark rc=$?" >>"$OUT/summary.txt"
+else
+echo "pytest_benchmark skipped (${LEFT}s left)" >>"$OUT/summary.txt"
+fi
 tail -n 3 "$OUT"/*.txt

@@ -31,7 +31,7 @@ Impls (`IMPLS`):
   torch 2.13 has no FlexAttention backward on a CPU (its forward compiles through inductor's C++
   template): on a CPU it serves no-grad forwards only (e.g. recomputing the old policy's
   log-probs) and raises otherwise. On a GPU it is the baseline the Triton kernel is measured
-  against (bench/bench_train_attention.py).
+  against (bench/bench_train_attention.py, bench/test_bench_train_attention.py).
 
 Why "gathered" is the default - measured on the 2-core AMD EPYC without AVX512
 (bench/bench_tree_attention.py; bench/results/2026-12-02_cpu2_noavx512_bench_tree_attention.txt),
