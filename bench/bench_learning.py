@@ -34,17 +34,22 @@ refused either way. --plot-only re-reads DIR/<arm>_s<seed>/ and redoes the table
 final checkpoint (~1.6 GB: model + AdamW state) is deleted after a run unless --keep_checkpoints;
 add --export_hf true to keep an HF export for bench/bench_test_time.py --run.
 
-Default size, estimated (not measured) for 2 CPU cores, the bundled SmolLM2-135M in fp32, from
-bench/results/2026-12-02_cpu2_noavx512_bench_train.txt (8 prompts x 8 leaves, 4 x 32 tokens: tree
-step ~89 s = gen 31 + update 58; sequential ~127 s = gen 38 + update ~88 with shared-prompt
-packing, 181 s unpacked). At 4 prompts x 8 leaves both phases roughly halve, and dynamic sampling
-adds ~25% to generation: ~52 s per tree step, ~75 s per sequential step. 8 steps per arm: 3 arms
-x 8 steps = 8 x (52 + 52 + 75) ~ 1430 s per seed. Held-out evaluation, 16 problems x 4 samples of
-<= 128 tokens (~25 s), at steps 0, 2, 4, 6, 8: 5 x 3 x 25 ~ 375 s; start-up and the final save
-~20 s per run: 60 s. ~1870 s ~ 31 min per seed, ~62 min for 2 seeds. (The default 8 x 8 batch at
-10-15 steps would take 2-3 hours here.) Eight steps at lr 5e-6 move the default task's held-out
-accuracy well off its start (README: 0.11 -> 0.34 after 5 steps of 8 prompts); evaluating every
-2 steps gives 5 points per curve for the interpolation.
+Default size, estimated (a full run was not measured) for 2 CPU cores, the bundled SmolLM2-135M in
+fp32. From bench/results/2026-12-02_cpu2_noavx512_bench_train.txt (8 prompts x 8 leaves, 4 x 32
+tokens, no dynamic sampling): a tree step ~89 s = generation 31 + update 58; a sequential step
+~127 s = generation 38 + update ~88 (tree packing of a depth-1 tree = shared-prompt packing; 181 s
+unpacked). At 4 prompts x 8 leaves the update halves (linear in tokens: ~29 s tree, ~44 s
+sequential) and a generation round takes ~15-20 s; early in training dynamic sampling redraws about
+half the prompts, for up to 3 rounds (README's default run: 2-3 rounds a step), so generation is
+~30 s tree, ~38 s sequential: ~60 s and ~80 s a step. Steps: 8 x (60 + 60 + 80) = 1600 s per seed.
+Held-out evaluation, 16 problems x 4 samples of <= 128 tokens, ~35 s (measured: 59 s with the two
+cores shared with another job), at steps 0, 2, 4, 6, 8: 5 x 3 x 35 = 525 s. Start-up and the final
+checkpoint, ~25 s a run: 75 s. ~2200 s = ~37 min per seed, ~65-75 min for the 2 seeds; --eval_every 4
+saves ~7 min, --steps 6 ~15 min. (The default 8 x 8 batch for 10-15 steps would take 2.5-4 hours
+here.) Why these sizes: 8 steps at the default lr 5e-6 (3 warm-up steps) should move the task's
+held-out accuracy clearly off its start (README: 0.11 -> 0.34 after 5 steps of 8 prompts); 8 leaves
+keep TreePO's 4 x 32 tree as in training; an evaluation every 2 steps gives 5 points per curve to
+interpolate the targets between; 16 x 4 held-out samples give a standard error of ~0.05-0.08.
 """
 import argparse
 import dataclasses
@@ -184,7 +189,7 @@ def execute(run: dict, keep_checkpoints: bool) -> dict:
         cmd += ["--overwrite", "true"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     t0 = time.perf_counter()
-    with open(os.path.join(run["dir"], "train.log"), "w") as log:
+    with open(os.path.join(run["dir"], "train.log"), "w", buffering=1) as log:  # a killed run keeps its log
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
         tail = []
         for line in p.stdout:

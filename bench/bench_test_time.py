@@ -3,7 +3,7 @@ the held-out task and on GSM8K, as accuracy (mean@n, maj@n, pass@k) against the 
 (tokens through the engine, wall seconds). Usage:
 
     python bench/bench_test_time.py [--model DIR | --run RUN_DIR] [--datasets heldout,gsm8k]
-        [--shapes seq:4,seq:8,tree:w8:d4:b2,tree:w16:d4:b2] [--problems 32] [--gsm8k_problems 16]
+        [--shapes seq:4,seq:8,tree:w8:d4:b2,tree:w16:d4:b2] [--problems 24] [--gsm8k_problems 10]
         [--seeds 0] [--max_tokens 128] [--gsm8k_max_tokens 256] [--temperature 0.6] [--out runs/test_time]
 
 Samplers are spelled as in treepo/train/test_time.py: `seq:N` (N i.i.d. samples) or
@@ -20,11 +20,15 @@ Target (issue 16): some tree shape reaches a best-of-N row's maj@n with fewer to
 Writes DIR/test_time.json, DIR/test_time.md, DIR/test_time_vs_tokens.png and
 DIR/test_time_vs_wall.png (replacing earlier ones) and ends with one JSON line.
 
-Default size, estimated (not measured) for 2 CPU cores, bundled SmolLM2-135M in fp32, ~150-250
-tokens/s through the engine: held-out 32 problems x (4 + 8 best-of-N samples of ~85 tokens, and
-trees of 8 and 16 leaves at ~50% of their leaves' tokens) ~ 32 x 1700 = 55k tokens; GSM8K
-16 problems at 256 tokens (~200 per sample) ~ 16 x 4600 = 75k tokens; 130k tokens ~ 9-15 min.
-All 100 GSM8K problems (`--gsm8k_problems 100`) alone take ~6x longer.
+Default size, estimated (the full sweep was not run) for 2 CPU cores, the bundled SmolLM2-135M in
+fp32. Measured with the two cores shared with another job: seq:4 on 16 held-out problems, 366
+tokens per problem (prompt ~60 + 4 x ~79) in 59 s, ~100 tokens/s; ~150 tokens/s on quiet cores
+(bench_train's generation). Held-out, per problem: seq:4 ~370 + seq:8 ~690 + trees of 8 and 16
+leaves at ~60% and ~50% of their leaves' tokens ~420 + ~670 = ~2150 tokens, x 24 problems = 52k.
+GSM8K at 256 tokens (prompt ~150, ~200 per sample): ~5500 tokens per problem x 10 = 55k. ~107k
+tokens: ~12 min at 150 tokens/s (trees run somewhat fewer tokens/s than best-of-N: paths finish
+unevenly, so their decode batches are smaller). All 100 GSM8K problems (`--gsm8k_problems 100`)
+take ~1 hour more; a trained model's shorter answers take less.
 """
 import argparse
 import json
@@ -50,8 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--run", default=None, help="a trainer run dir: model = RUN/hf, held-out set = the run's")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
-    ap.add_argument("--problems", type=int, default=32, help="first problems of the held-out set")
-    ap.add_argument("--gsm8k_problems", type=int, default=16, help="first problems of the 100 GSM8K test problems")
+    ap.add_argument("--problems", type=int, default=24, help="first problems of the held-out set")
+    ap.add_argument("--gsm8k_problems", type=int, default=10, help="first problems of the 100 GSM8K test problems")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--max_tokens", type=int, default=128, help="response budget on the held-out task")
     ap.add_argument("--gsm8k_max_tokens", type=int, default=256)

@@ -132,3 +132,20 @@ def test_bad_shapes_stop_before_the_model_loads(tmp_path):
         btt.main(["--model", "/no/such/model", "--shapes", "seq:2,tree:w4", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--datasets 'mmlu'"):
         btt.main(["--datasets", "mmlu"])
+
+
+def test_run_dir_gives_the_runs_own_heldout_set(tiny, tmp_path):
+    """--run: the held-out problems are those the run's config gives the trainer."""
+    import dataclasses
+
+    from treepo.train.config import TrainConfig
+    from treepo.train.data import train_and_heldout
+
+    cfg = TrainConfig(train_jsonl=tiny[1], heldout_size=5, seed=3, resume=True)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    args = btt.parse_args(["--run", str(tmp_path), "--problems", "4"])
+    got = btt.problems(args, "heldout")
+    assert [p.question for p in got] == [p.question for p in train_and_heldout(cfg)[1][:4]]
+    assert [p.question for p in got] == [f"Say anything {i}." for i in range(7, 11)]  # the file's last 5, first 4
+    with pytest.raises(SystemExit, match="give --model or --run"):
+        btt.parse_args(["--run", str(tmp_path), "--model", "x"])
