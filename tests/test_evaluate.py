@@ -18,7 +18,7 @@ class ScriptedEngine:
         self.tokenizer = char_tokenizer()
         self.texts = texts_per_prompt
 
-    def generate(self, prompts, params, stream_ids=None):
+    def generate(self, prompts, params, stream_ids=None, progress=None):
         assert len(prompts) == len(self.texts)
         return [[Completion([1] * len(t), [0.0] * len(t), "stop", text=t) for t in ts[:params.n]]
                 for ts in self.texts]

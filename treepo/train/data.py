@@ -167,6 +167,18 @@ def split_heldout(pool: list[Problem], heldout_size: int, what: str, seed: int =
     return train, heldout
 
 
+def train_and_heldout(cfg) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out) problems of a TrainConfig's data settings (train_jsonl, or train_task with
+    train_task_config, train_size, heldout_size and seed): what the trainer trains and evaluates on,
+    so a separate evaluation (bench/bench_test_time.py) scores the very held-out set of a run."""
+    if cfg.train_jsonl:
+        return split_heldout(jsonl_problems(cfg.train_jsonl), cfg.heldout_size, cfg.train_jsonl, last=True)
+    check_heldout_size(cfg.heldout_size)
+    pool = gym_problems(cfg.train_task, cfg.train_size + cfg.heldout_size, cfg.seed, **cfg.train_task_config)
+    return split_heldout(pool, cfg.heldout_size, f"--train_task {cfg.train_task} with its --train_task_config",
+                         seed=cfg.seed)
+
+
 class PromptStream:
     """Endless, seeded, resumable walk over a list of problems (reshuffled every epoch)."""
 

@@ -55,6 +55,7 @@ def rollout_metrics(st: RolloutStats, kept_prompts: int, kept_leaves: int, max_r
         m[f"finish/{reason}"] = all_reduce_scalar(st.finish.get(reason, 0))
     proc, seq = all_reduce_scalar(st.processed_tokens), all_reduce_scalar(st.sequential_tokens)
     m["sampling/tokens_processed"] = proc
+    m["sampling/engine_tokens"] = all_reduce_scalar(st.engine_tokens)
     m["sampling/compute_saved_vs_sequential"] = 1 - proc / max(seq, 1)
     return m
 

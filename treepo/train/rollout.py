@@ -50,7 +50,8 @@ class RolloutStats:
     accuracies: list[float] = field(default_factory=list)
     leaf_lengths: list[int] = field(default_factory=list)
     finish: Counter = field(default_factory=Counter)  # finish reason -> leaves
-    processed_tokens: int = 0  # tokens the engine processed
+    processed_tokens: int = 0  # tokens the engine processed (the trees' TreeStats.processed_tokens)
+    engine_tokens: int = 0  # the same read from the engine's own counters (prefill + decode): a cross-check
     sequential_tokens: int = 0  # what i.i.d. sampling of the same leaves would have processed
     short_batch: bool = False  # fewer kept prompts than asked after max_gen_batches rounds
 
@@ -110,6 +111,10 @@ class RolloutCollector:
             i += n
         return out, failures
 
+    def _engine_tokens(self) -> int:
+        c = self.sampler.engine.counters()
+        return c["prefill_tokens"] + c["decode_tokens"]
+
     def collect(self, step: int) -> Rollout:
         """Sample until this rank keeps `per_rank` prompts whose leaves disagree (or rounds run out).
 
@@ -125,9 +130,10 @@ class RolloutCollector:
             problems, keys = problems[:local_need], keys[:local_need]
             if not problems:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), self._engine_tokens()
             scored, failures = self.sample(problems, keys, step)
             st.gen_time += time.perf_counter() - t0
+            st.engine_tokens += self._engine_tokens() - c0
             st.gen_rounds += 1
             st.prompts_sampled += len(problems)
             st.reward_failures += failures

@@ -36,8 +36,8 @@ from treepo.rollout.tree import trees_to_batch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, parse_args
-from .data import PromptStream, check_heldout_size, gsm8k_test, gym_problems, jsonl_problems, split_heldout
-from .distributed import all_max, init_distributed, shard_model
+from .data import PromptStream, gsm8k_test, train_and_heldout
+from .distributed import all_max, all_reduce_scalar, init_distributed, shard_model
 from .evaluate import evaluate, reduce_eval
 from .memory import PeakMemory, return_freed_tensors_to_the_os
 from .metrics import (
@@ -61,6 +61,8 @@ MICRO_KEYS = ("prompts", "responses", "response_mask", "input_ids", "attention_m
 
 
 class Trainer:
+    tokens_computed = 0  # tokens through the model calls of the current step (logprobs adds, train_step resets)
+
     def __init__(self, cfg: TrainConfig):
         from treepo.assets import bundled_model_path
 
@@ -108,15 +110,7 @@ class Trainer:
     def _datasets(self):
         """(train, held-out) problems: the same on every rank; rank r takes its slice per step.
         No held-out question occurs in training (data.split_heldout; docs/training.md section 9)."""
-        cfg = self.cfg
-        if cfg.train_jsonl:
-            train, heldout = split_heldout(jsonl_problems(cfg.train_jsonl), cfg.heldout_size, cfg.train_jsonl,
-                                           last=True)
-        else:
-            check_heldout_size(cfg.heldout_size)
-            pool = gym_problems(cfg.train_task, cfg.train_size + cfg.heldout_size, cfg.seed, **cfg.train_task_config)
-            train, heldout = split_heldout(pool, cfg.heldout_size, f"--train_task {cfg.train_task} with its "
-                                           f"--train_task_config", seed=cfg.seed)
+        train, heldout = train_and_heldout(self.cfg)
         self._print(f"data: {len(train)} training problems ({len({p.question for p in train})} distinct "
                     f"questions), {len(heldout)} held-out problems whose questions are never trained on")
         return train, heldout
@@ -177,10 +171,12 @@ class Trainer:
         with autocast(self.device, self.autocast_dtype):
             if mb is None or mb.packed is None:
                 t = self.padded_rows(batch, mb.rows if mb is not None else [])
+                self.tokens_computed += t["input_ids"].numel() if mb is not None else 0  # not a stand-in row
                 Lp = t["prompts"].shape[1]
                 return model(t["input_ids"], t["position_ids"], attention_mask=t["attention_mask"],
                              labels=t["responses"], label_start=Lp)
             p = mb.packed if mb.packed.input_ids.device == self.device else mb.packed.to(self.device)
+            self.tokens_computed += p.tokens
             attn = TreeAttention.from_batch(p, self.cfg.attention)  # its masks / plan serve every layer
             lp, ent = model(p.input_ids, p.position_ids, attn=attn, labels=p.labels, label_positions=p.pred_index)
         width = batch.mask.shape[1]
@@ -279,6 +275,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         t_step = time.perf_counter()
+        self.tokens_computed = 0  # tokens through the trainer's model calls this step (logprobs counts them)
         rollout = self.collector.collect(self.step)
         timing = {"gen": rollout.stats.gen_time}
         t0 = time.perf_counter()
@@ -301,6 +298,8 @@ class Trainer:
         m |= rollout_metrics(rollout.stats, len(rollout.groups), N, cfg.max_response_len)
         m |= batch_metrics(batch, old_lp if old_lp is not None else first_lp)
         m |= packing_metrics(batch)
+        # every pass's tokens: the update's forward (+ backward), the old-log-prob and reference forwards
+        m["packing/tokens_computed"] = all_reduce_scalar(self.tokens_computed)
         m["perf/update_peak_mem_gb"] = all_max(peak.peak_gb)
         m["perf/update_mem_growth_gb"] = all_max(peak.peak_gb - peak.start_gb)  # above the update's start
         timing["step"] = time.perf_counter() - t_step
