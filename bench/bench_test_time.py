@@ -37,7 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, result_line  # noqa: E402
+from common import names_flag, print_table, result_line  # noqa: E402
 
 DATASETS = ("heldout", "gsm8k")
 DEFAULT_SHAPES = "seq:4,seq:8,tree:w8:d4:b2,tree:w16:d4:b2"
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     ap.add_argument("--engine_dtype", default="auto", help="auto | bfloat16 | float32")
     ap.add_argument("--out", default="runs/test_time")
     args = ap.parse_args(argv)
-    args.dataset_list = _names(args.datasets, DATASETS, "datasets")
+    args.dataset_list = names_flag(args.datasets, DATASETS, "datasets")
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -77,14 +77,6 @@ def parse_args(argv=None):
     if args.model and args.run:
         raise SystemExit("give --model or --run (whose hf/ export is the model), not both")
     return args
-
-
-def _names(text: str, valid: tuple, what: str) -> list[str]:
-    names = [n for n in text.split(",") if n]
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise SystemExit(f"--{what} {text!r}: give a comma-separated subset of {', '.join(valid)}")
-    return names
 
 
 def searches(args) -> dict[str, list]:

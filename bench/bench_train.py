@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, result_line  # noqa: E402
+from common import names_flag, print_table, result_line  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("tree", "sequential")
@@ -158,14 +158,6 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _names(text: str, valid: tuple, what: str) -> list[str]:
-    names = [n for n in text.split(",") if n]
-    bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise SystemExit(f"--{what} {text!r}: give a comma-separated subset of {', '.join(valid)}")
-    return names
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
@@ -180,8 +172,8 @@ def main():
     ap.add_argument("--autocast", default=None)
     ap.add_argument("--engine_dtype", default=None)
     args = ap.parse_args()
-    modes = _names(args.modes, MODES, "modes")
-    packings = _names(args.packings, PACKINGS + ("default",), "packings")
+    modes = names_flag(args.modes, MODES, "modes")
+    packings = names_flag(args.packings, PACKINGS + ("default",), "packings")
     with tempfile.TemporaryDirectory() as tmp:
         rows = summarize([run(m, p, args, tmp) for m in modes for p in packings])
     print(f"{args.prompts} prompts x {args.leaves} leaves, split {args.split}, {args.steps} steps, seed {args.seed}; "

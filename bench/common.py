@@ -60,6 +60,16 @@ def _fmt(v):
     return str(v)
 
 
+def names_flag(text: str, valid: tuple, what: str) -> list[str]:
+    """The names of a comma-separated --<what> flag, each one of `valid` (at least one), else exit
+    with a message that lists the valid names."""
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise SystemExit(f"--{what} {text!r}: give a comma-separated subset of {', '.join(valid)}")
+    return names
+
+
 def result_line(name: str, payload: dict):
     print(json.dumps({"bench": name, "machine": machine(), **payload}))
 
