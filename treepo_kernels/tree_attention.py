@@ -78,6 +78,32 @@ def _load_rows(ptr, tok, head, row_ok, d, d_ok, stride_tok, stride_head):
 
 
 @triton.jit
+def _query_rows(qb, hg, T, G: tl.constexpr, HPP: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """(token qi, query head qh, row_ok) of each row of query block qb, head group hg, and the
+    group's KV head."""
+    r = tl.arange(0, BLOCK_Q * HPP)
+    qi = qb * BLOCK_Q + r // HPP
+    return qi, hg * HPP + r % HPP, qi < T, hg * HPP // G
+
+
+@triton.jit
+def _key_tile(k_ptr, v_ptr, kb, kvh, T, d, d_ok, stride_k_tok, stride_k_head, BLOCK_N: tl.constexpr):
+    """(key indices kj [BLOCK_N], kv_ok, K, V [BLOCK_N, BLOCK_D]) of key block kb, KV head kvh."""
+    n = tl.arange(0, BLOCK_N)
+    kj = kb * BLOCK_N + n
+    kv_ok = kj < T
+    k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+    v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+    return kj, kv_ok, k, v
+
+
+@triton.jit
+def _visible(kj, ve, qi):
+    """[rows, BLOCK_N]: key kj[c] is visible to query qi[r] (j <= i < visible_end[j])."""
+    return (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
+
+
+@triton.jit
 def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, ve_ptr, q_kv_ptr_ptr, q_kv_full_ptr, q_kv_ptr,  # inputs, plan
         out_ptr, lse_ptr,  # outputs
@@ -86,12 +112,7 @@ def _fwd_kernel(
         G: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     qb = tl.program_id(0)
-    hg = tl.program_id(1)
-    r = tl.arange(0, BLOCK_Q * HPP)
-    qi = qb * BLOCK_Q + r // HPP
-    qh = hg * HPP + r % HPP
-    kvh = hg * HPP // G
-    row_ok = qi < T
+    qi, qh, row_ok, kvh = _query_rows(qb, tl.program_id(1), T, G, HPP, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = _load_rows(q_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
@@ -101,23 +122,17 @@ def _fwd_kernel(
     e0 = tl.load(q_kv_ptr_ptr + qb)
     e1 = tl.load(q_kv_ptr_ptr + qb + 1)
     ef = e0 + tl.load(q_kv_full_ptr + qb)
-    n = tl.arange(0, BLOCK_N)
     for e in range(e0, ef):  # full tiles: every query sees every key
-        kj = tl.load(q_kv_ptr + e) * BLOCK_N + n
-        kv_ok = kj < T
-        k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
-        v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+        kj, kv_ok, k, v = _key_tile(k_ptr, v_ptr, tl.load(q_kv_ptr + e), kvh, T, d, d_ok, stride_k_tok,
+                                    stride_k_head, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, PREC)
     for e in range(ef, e1):  # masked tiles: j <= i < visible_end[j]
-        kj = tl.load(q_kv_ptr + e) * BLOCK_N + n
-        kv_ok = kj < T
-        k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
-        v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+        kj, kv_ok, k, v = _key_tile(k_ptr, v_ptr, tl.load(q_kv_ptr + e), kvh, T, d, d_ok, stride_k_tok,
+                                    stride_k_head, BLOCK_N)
         ve = tl.load(ve_ptr + kj, mask=kv_ok, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where(_visible(kj, ve, qi), s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, PREC)
     out, lse = online_softmax_finish(m_i, l_i, acc)
     o_off = qi.to(tl.int64)[:, None] * stride_o_tok + qh[:, None] * stride_o_head + d[None, :]
@@ -145,12 +160,7 @@ def _dq_kernel(
         G: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     qb = tl.program_id(0)
-    hg = tl.program_id(1)
-    r = tl.arange(0, BLOCK_Q * HPP)
-    qi = qb * BLOCK_Q + r // HPP
-    qh = hg * HPP + r % HPP
-    kvh = hg * HPP // G
-    row_ok = qi < T
+    qi, qh, row_ok, kvh = _query_rows(qb, tl.program_id(1), T, G, HPP, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = _load_rows(q_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
@@ -161,22 +171,16 @@ def _dq_kernel(
     e0 = tl.load(q_kv_ptr_ptr + qb)
     e1 = tl.load(q_kv_ptr_ptr + qb + 1)
     ef = e0 + tl.load(q_kv_full_ptr + qb)
-    n = tl.arange(0, BLOCK_N)
     for e in range(e0, ef):  # full tiles
-        kj = tl.load(q_kv_ptr + e) * BLOCK_N + n
-        kv_ok = kj < T
-        k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
-        v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+        kj, kv_ok, k, v = _key_tile(k_ptr, v_ptr, tl.load(q_kv_ptr + e), kvh, T, d, d_ok, stride_k_tok,
+                                    stride_k_head, BLOCK_N)
         p, ds = _tile_grads(q, do, lse2, delta, k, v, kv_ok[None, :], False, scale_log2, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     for e in range(ef, e1):  # masked tiles
-        kj = tl.load(q_kv_ptr + e) * BLOCK_N + n
-        kv_ok = kj < T
-        k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
-        v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+        kj, kv_ok, k, v = _key_tile(k_ptr, v_ptr, tl.load(q_kv_ptr + e), kvh, T, d, d_ok, stride_k_tok,
+                                    stride_k_head, BLOCK_N)
         ve = tl.load(ve_ptr + kj, mask=kv_ok, other=0)
-        visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
-        p, ds = _tile_grads(q, do, lse2, delta, k, v, visible, True, scale_log2, PREC)
+        p, ds = _tile_grads(q, do, lse2, delta, k, v, _visible(kj, ve, qi), True, scale_log2, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq_off = qi.to(tl.int64)[:, None] * stride_q_tok + qh[:, None] * stride_q_head + d[None, :]
     tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -191,7 +195,7 @@ def _dkdv_walk(q_ptr, do_ptr, lse_ptr, delta_ptr, kv_q_ptr, e0, e1, k, v, kj, ve
     for e in range(e0, e1):
         qi = tl.load(kv_q_ptr + e) * BLOCK_Q + r // HPP
         row_ok = qi < T
-        visible = (kj[None, :] <= qi[:, None]) & (qi[:, None] < ve[None, :])
+        visible = _visible(kj, ve, qi)
         for hh in range(G // HPP):
             qh = kvh * G + hh * HPP + r % HPP
             q = _load_rows(q_ptr, qi, qh, row_ok, d, d_ok, stride_q_tok, stride_q_head)
@@ -221,12 +225,9 @@ def _dkdv_kernel(
     part = tl.load(item_part_ptr + it)
     ef = tl.load(kv_q_ptr_ptr + kb) + tl.load(kv_q_full_ptr + kb)  # the key block's full tiles end here
     n = tl.arange(0, BLOCK_N)
-    kj = kb * BLOCK_N + n
-    kv_ok = kj < T
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    k = _load_rows(k_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
-    v = _load_rows(v_ptr, kj, kvh + 0 * n, kv_ok, d, d_ok, stride_k_tok, stride_k_head)
+    kj, kv_ok, k, v = _key_tile(k_ptr, v_ptr, kb, kvh, T, d, d_ok, stride_k_tok, stride_k_head, BLOCK_N)
     ve = tl.load(ve_ptr + kj, mask=kv_ok, other=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
