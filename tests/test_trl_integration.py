@@ -226,3 +226,23 @@ def test_trainer_argument_errors(tmp_path):
     trainer = make_trainer(tmp_path, tree_config=TreeConfig(segment_len=8, max_depth=4, max_width=G))
     with pytest.raises(ValueError, match="max_response_len=32 exceeds the trainer's max_completion_length=12"):
         trainer.rollout_func(repeated(QUESTIONS[:1]), trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["tree", "trl", "engine"])
+def test_example_runs_on_the_bundled_model(tmp_path, rollout):
+    """examples/trl_treepo.py, one tiny step of each variant (the real SmolLM2 weights: slow)."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / rollout
+    cmd = [sys.executable, os.path.join(root, "examples", "trl_treepo.py"), "--rollout", rollout, "--steps", "1",
+           "--prompts", "2", "--generations", "2", "--max_tokens", "16", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True)
+    (step,) = [json.loads(line) for line in open(out / "steps.jsonl")]
+    assert step["step"] == 1 and step["rows"] == 4 and 0 <= step["accuracy"] <= 1
+    assert ("tokens_processed" in step) == (rollout != "trl")
+    again = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True)
+    assert again.returncode != 0 and "holds a run" in again.stderr  # a finished run is not overwritten
