@@ -2,7 +2,7 @@
 with the plain group advantage to separate the sampling from the advantage. Usage:
 
     python bench/bench_learning.py [--out runs/learning] [--arms treepo,dapo,tree_grpo] [--seeds 0,1]
-        [--steps 8] [--prompts_per_step 4] [--leaves 8] [--segment_len 32] [--max_depth 4]
+        [--steps 6] [--prompts_per_step 4] [--leaves 8] [--segment_len 32] [--max_depth 4]
         [--max_response_len 128] [--eval_every 2] [--heldout_size 16] [--eval_n 4] [--eval_max_tokens 128]
         [--resume] [--plot-only] [--keep_checkpoints] [any other treepo train flag, e.g. --model DIR --lr 1e-5]
 
@@ -70,9 +70,10 @@ ARMS = {"treepo": {"mode": "tree", "advantage": "tree"},
         "tree_grpo": {"mode": "tree", "advantage": "grpo"}}
 BASELINE, TARGET_ARM, TARGET_FRACTION = "dapo", "treepo", 0.6
 # the trainer flags every arm gets, with the defaults of the module docstring's arithmetic
-SIZES = {"steps": 8, "prompts_per_step": 4, "leaves": 8, "segment_len": 32, "max_depth": 4, "max_response_len": 128,
+SIZES = {"steps": 6, "prompts_per_step": 4, "leaves": 8, "segment_len": 32, "max_depth": 4, "max_response_len": 128,
          "eval_every": 2, "heldout_size": 16, "eval_n": 4, "eval_max_tokens": 128}
-FIXED = {"eval_gsm8k": "false", "save_every": "0", "export_hf": "false"}  # a later flag given by the user wins
+# a later flag given by the user wins; lr and warm-up: see "Why these sizes" in the docstring
+FIXED = {"eval_gsm8k": "false", "save_every": "0", "export_hf": "false", "lr": "1e-5", "warmup_steps": "1"}
 OWN = ("mode", "advantage", "seed", "output_dir", "resume", "overwrite", "resume_fallback")  # set per run here
 PHASES = ("gen", "adv", "old_log_prob", "update", "weight_sync")
 ACCURACY = ("mean@n", "maj@n", "pass@1", "pass@n")

@@ -13,10 +13,9 @@ trl = pytest.importorskip("trl", reason="trl is installed by the test set-up (pi
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from treepo import Engine, TreeConfig  # noqa: E402
+from treepo import TreeConfig  # noqa: E402
 from treepo.advantages import broadcast_to_tokens, tree_advantages, whiten  # noqa: E402
 from treepo.integrations.trl import PLACEHOLDER, TreePOGRPOTrainer, tree_rollout_func  # noqa: E402
-from treepo.integrations.weight_sync import WeightSync  # noqa: E402
 from treepo.rollout.tree import FINISH_REASONS  # noqa: E402
 
 G = 4
@@ -177,36 +176,6 @@ def test_engine_samples_with_updated_weights(tmp_path):
         torch.testing.assert_close(torch.tensor(out["logprobs"][r]), now, atol=2e-4, rtol=0)
         changed += float((hf_logprobs(before, p, c, 0.9) - now).abs().max()) > 1e-3
     assert changed, "log-probs under the old weights equal the new ones: the check cannot tell stale from fresh"
-
-
-def test_weight_sync_copies_when_not_shared():
-    tok = char_tokenizer()
-    model = tiny_model(tok)
-    engine = Engine.from_model(copy.deepcopy(model), tok, kv_cache_memory=2**24)  # its own tensors
-    sync = WeightSync(engine)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # an optimizer step elsewhere
-    stale = engine.model.state_dict()["model.layers.0.self_attn.q_proj.weight"].clone()
-    assert not torch.equal(stale, model.state_dict()["model.layers.0.self_attn.q_proj.weight"])
-    report = sync.sync(model)
-    assert report.mode == "copied" and report.copied > 0 and report.bytes_copied > 0
-    for k, v in model.state_dict().items():
-        if k in engine.model.state_dict():
-            assert torch.equal(engine.model.state_dict()[k], v), k
-    shared = WeightSync(Engine.from_model(model, tok, kv_cache_memory=2**24)).sync(model)
-    assert shared.mode == "shared" and shared.copied == 0
-
-
-def test_weight_sync_refuses_another_model():
-    tok = char_tokenizer()
-    engine = Engine.from_model(tiny_model(tok), tok, kv_cache_memory=2**24)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match="does not match the engine"):
-        WeightSync(engine).sync(other)
 
 
 def test_plain_grpo_trainer_takes_the_tree_rollout(tmp_path):

@@ -40,6 +40,7 @@ from .weight_sync import WeightSync
 __all__ = ["tree_rollout_func", "TreeRollout", "TreePOGRPOTrainer", "RolloutRecord"]
 
 PLACEHOLDER = "placeholder"  # treepo_finish_reason of a row a short tree could not fill
+KV_SHARE_CUDA = 0.25  # of the free GPU memory for the engine's KV cache, unless engine_settings say otherwise
 
 
 @dataclass
@@ -80,7 +81,8 @@ class TreeRollout:
     engine           a treepo Engine to sample on (its weights are synced from the trainer's model
                      before every generation); default: built on the first call from the trainer's
                      unwrapped model, sharing its tensors where it can.
-    engine_settings  EngineConfig fields for that engine (e.g. kv_cache_memory=2**30).
+    engine_settings  EngineConfig fields for that engine (e.g. kv_cache_memory=2**30; on CUDA the
+                     default is KV_SHARE_CUDA of the free memory, leaving room for the optimizer).
     """
 
     def __init__(self, tree_config: TreeConfig | None = None, engine: Engine | None = None,
@@ -98,11 +100,13 @@ class TreeRollout:
     # ------------------------------------------------------------------ set-up per call
     def config_for(self, trainer, G: int) -> TreeConfig:
         L = trainer.args.max_completion_length
+        if L is None:
+            raise ValueError("GRPOConfig.max_completion_length is None; tree rollouts need a token budget")
         cfg = self.tree_config
         if cfg is None:
             seg = max(1, L // 4)
             cfg = TreeConfig(segment_len=seg, max_depth=max(1, L // seg), max_response_len=L)
-        elif L is not None and cfg.max_response_len > L:
+        elif cfg.max_response_len > L:
             raise ValueError(f"tree_config.max_response_len={cfg.max_response_len} exceeds the trainer's "
                              f"max_completion_length={L}; lower it (or segment_len x max_depth)")
         return dataclasses.replace(cfg, max_width=G)
@@ -128,7 +132,13 @@ class TreeRollout:
                                          gather_deepspeed3_params=True) as model, \
                 backend.summon_full_params(wrapped, recurse=True, writeback=False):
             if self.engine is None:
-                self.engine = Engine.from_model(model, trainer._tokenizer, **self.engine_settings)
+                settings = dict(self.engine_settings)
+                device = next(model.parameters()).device
+                if device.type == "cuda" and "kv_cache_memory" not in settings and "num_pages" not in settings:
+                    # the optimizer's state is not allocated yet: leave it room (the engine's own default
+                    # takes 60% of the free memory)
+                    settings["kv_cache_memory"] = int(torch.cuda.mem_get_info(device)[0] * KV_SHARE_CUDA)
+                self.engine = Engine.from_model(model, trainer._tokenizer, **settings)
                 if backend.is_zero3 or backend.is_fsdp:  # gathered or sharded tensors: the engine keeps copies
                     for p in self.engine.model.parameters():
                         p.data = p.data.clone()
