@@ -98,27 +98,14 @@ def searches(args) -> dict[str, list]:
 
 def problems(args, ds: str) -> list:
     """The first --problems of the held-out set (the run's with --run), or the first
-    --gsm8k_problems GSM8K test problems."""
-    from treepo.train.config import TrainConfig
-    from treepo.train.data import gsm8k_test, train_and_heldout
+    --gsm8k_problems GSM8K test problems (treepo/train/test_time.py eval_problems)."""
+    from treepo.train.test_time import eval_problems
 
-    if ds == "gsm8k":
-        return gsm8k_test()[:args.gsm8k_problems]
-    if args.run:
-        path = os.path.join(args.run, "config.json")
-        try:
-            saved = json.load(open(path))
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"--run {args.run}: cannot read its config.json ({e})") from None
-        saved.update(resume=False, overwrite=False, resume_fallback=False)
-        cfg = TrainConfig(**saved)
-    else:
-        cfg = TrainConfig(heldout_size=args.heldout_size, seed=args.data_seed, train_jsonl=args.train_jsonl)
-    held = train_and_heldout(cfg)[1]
-    if not held:
-        raise SystemExit("the held-out set is empty (heldout_size 0): give --heldout_size > 0 or drop heldout "
-                         "from --datasets")
-    return held[:args.problems]
+    try:
+        probs = eval_problems(ds, args.run, args.heldout_size, args.data_seed, args.train_jsonl)
+    except ValueError as e:
+        raise SystemExit(f"--datasets {ds}: {e}") from None
+    return probs[:args.gsm8k_problems if ds == "gsm8k" else args.problems]
 
 
 def load_engine(args):

@@ -33,8 +33,9 @@ def help_of(argv, capsys, monkeypatch) -> str:
 
 def test_treepo_help_lists_every_subcommand(capsys, monkeypatch):
     out = help_of(["--help"], capsys, monkeypatch)
-    assert "{train,sample,info}" in out
-    for cmd, text in [("train", "TreePO RL training"), ("sample", "sample completions"), ("info", "versions")]:
+    assert "{train,sample,eval,info}" in out
+    for cmd, text in [("train", "TreePO RL training"), ("sample", "sample completions"), ("eval", "accuracy"),
+                      ("info", "versions")]:
         assert re.search(rf"\b{cmd} {text}", out), (cmd, out)
 
 
@@ -236,3 +237,42 @@ def test_without_the_source_flags_still_parse(monkeypatch):
         assert parse_args(["--segment-len", "8"]).segment_len == 8
     finally:
         field_docs.cache_clear()
+
+
+# ---------------------------------------------------------------------------- treepo eval (issue 16)
+
+def test_eval_compares_samplers_on_the_same_problems(tiny, tmp_path, capsys):
+    import json
+
+    from trainer_fixtures import write_task
+
+    task = write_task(str(tmp_path / "task.jsonl"), n=5)
+    argv = ["eval", "--model", tiny, "--dataset", task, "--sampler", "seq:2,tree:w4:2x3:b2", "--max-tokens", "6",
+            "--reward-fn", "trainer_fixtures:even_token_reward", "--backend", "torch", "--device", "cpu",
+            "--problems", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{task}: 3 problems, temperature 0.6, <= 6 tokens")
+    assert out[1].split() == ["sampler", "n", "problems", "mean@n", "maj@n", "pass@1", "pass@n", "tokens",
+                              "tokens/problem", "wall_s"]
+    rows = json.loads(out[-1])["rows"]
+    assert [r["sampler"] for r in rows] == ["seq:2", "tree:w4:2x3:b2"] and [r["n"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["problems"] == 3 and 0 <= r["mean@n"] <= r["pass@n"] <= 1
+        assert r["tokens"] > 3 * 1 and r["tokens/problem"] == r["tokens"] / 3
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--sampler", "tree:w4"], "sampler 'tree:w4': needs the width"),
+    (["--sampler", "beam:4"], "unknown kind 'beam'"),
+    (["--dataset", "mmlu"], "dataset 'mmlu'; valid: heldout, gsm8k, or a path to a .jsonl file"),
+    (["--problems", "-1"], "--problems -1"),
+    (["--run", "/nonexistent/run"], "run /nonexistent/run: cannot read its config.json"),
+])
+def test_eval_refuses_bad_input_before_loading_the_model(flags, msg, capsys, monkeypatch):
+    import treepo.cli as cli
+
+    monkeypatch.setattr(cli, "_engine", lambda args: pytest.fail("the model loaded before the input was checked"))
+    assert main(["eval", *flags]) == 2
+    assert msg in capsys.readouterr().err
+

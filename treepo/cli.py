@@ -1,5 +1,6 @@
 """Command line: `treepo train` (TreePO training), `treepo sample` (completions or a tree from the
-bundled or a given model), `treepo info` (versions, attention backends).
+bundled or a given model), `treepo eval` (accuracy and compute of best-of-N or a tree sampler on
+an evaluation set), `treepo info` (versions, attention backends).
 
 Flags take underscores or dashes (--max_tokens = --max-tokens); relative paths are the caller's:
 nothing here (or in scripts/main.sh) changes the working directory."""
@@ -65,7 +66,7 @@ def _engine(args):
     dtype, why = sample_dtype(args.dtype, device)
     backend = make_backend(args.backend, device).name  # refused here, before loading, when it cannot run
     name = os.path.basename(os.path.normpath(args.model)) if args.model else BUNDLED_NAME
-    print(f"treepo sample: {name}, {dtype} ({why}), attention {backend}, device {device}", file=sys.stderr,
+    print(f"treepo {args.cmd}: {name}, {dtype} ({why}), attention {backend}, device {device}", file=sys.stderr,
           flush=True)
     path = args.model or bundled_model_path()
     return Engine.from_pretrained(path, device=device, dtype=dtype, attention_backend=backend)
@@ -94,6 +95,52 @@ def cmd_sample(args):
     print(f"--- loaded in {load_s:.2f}s; generated {sum(len(c.token_ids) for c in outs)} tokens in {gen_s:.2f}s; "
           f"prefill {st.prefill_tokens} tokens, {st.forward_passes} forward passes, peak KV pages "
           f"{st.peak_kv_pages}/{st.kv_pages_total}", file=sys.stderr)
+
+
+EVAL_COLS = ("sampler", "n", "problems", "mean@n", "maj@n", "pass@1", "pass@n", "tokens", "tokens/problem",
+             "wall_s")
+
+
+def cmd_eval(args):
+    """Every --sampler on the same problems: metrics, tokens through the engine, wall seconds."""
+    from treepo.train.rewards.problems import ProblemScorer
+    from treepo.train.test_time import eval_problems, evaluate_search, parse_search
+
+    if args.model and args.run:
+        raise ValueError("give --model or --run (whose hf/ export is the model), not both")
+    searches = [parse_search(spec, args.max_tokens) for spec in args.sampler.split(",") if spec.strip()]
+    if not searches:
+        raise ValueError(f"--sampler {args.sampler!r} is empty; e.g. seq:4 or tree:w8:d4:b2")
+    if args.problems < 0:
+        raise ValueError(f"--problems {args.problems}; give 0 (all) or a positive count")
+    probs = eval_problems(args.dataset, args.run, data_seed=args.data_seed)
+    probs = probs[:args.problems] if args.problems else probs
+    scorer = ProblemScorer(args.reward_fn)  # a bad module:function is refused here, before the model loads
+    if args.run:
+        args.model = os.path.join(args.run, "hf")
+        if not os.path.isdir(args.model):
+            raise ValueError(f"--run {args.run} has no hf/ export (train with --export_hf true)")
+    eng = _engine(args)
+    rows = []
+    for search in searches:
+        res = evaluate_search(eng, probs, scorer, search, temperature=args.temperature, max_tokens=args.max_tokens,
+                              seed=args.seed, progress=search.spec)
+        o, c = res["metrics"]["overall"], res["compute"]
+        rows.append({"sampler": search.spec, "n": search.n, "problems": o["problems"], "mean@n": o["mean@n"],
+                     "maj@n": o["maj@n"], "pass@1": o["pass@1"], "pass@n": o[f"pass@{search.n}"],
+                     "tokens": c["tokens"], "tokens/problem": c["tokens"] / max(o["problems"], 1),
+                     "wall_s": c["wall_s"]})
+    widths = {k: max(len(k), *(len(_cell(r[k])) for r in rows)) for k in EVAL_COLS}
+    print(f"{args.dataset}: {len(probs)} problems, temperature {args.temperature}, <= {args.max_tokens} tokens, "
+          f"seed {args.seed}")
+    print("  ".join(k.rjust(widths[k]) for k in EVAL_COLS))
+    for r in rows:
+        print("  ".join(_cell(r[k]).rjust(widths[k]) for k in EVAL_COLS))
+    print(json.dumps({"dataset": args.dataset, "rows": rows}))
+
+
+def _cell(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:.0f}" if isinstance(v, float) else str(v)
 
 
 def _sample_tree(eng, ids, params, args):
@@ -161,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `treepo` parser; `train` is listed here, but its flags are treepo.train.config's."""
     ap = argparse.ArgumentParser(prog="treepo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,sample,info}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,sample,eval,info}")
     sub.add_parser("train", help="TreePO RL training; every TrainConfig field is a flag: treepo train --help",
                    add_help=False)
     sp = sub.add_parser("sample", help="sample completions (or a TreePO tree) for a prompt",
@@ -193,6 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "directory)")
     arg("answer", default=None, help="--tree: the correct answer; leaves get the math reward and tree advantages")
     sp.set_defaults(func=cmd_sample)
+    ep = sub.add_parser("eval", help="accuracy (mean@n, maj@n, pass@k) and compute of best-of-N or TreePO trees",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def earg(name, **kw):
+        if "action" not in kw:
+            kw["metavar"] = METAVARS[kw.get("type", str)]
+        ep.add_argument(*spellings(name), dest=name, **kw)
+
+    earg("model", default=None, help=f"HF checkpoint directory (None: the bundled {BUNDLED_NAME})")
+    earg("run", default=None, help="a trainer run directory: its hf/ export is the model, its held-out set the "
+                                   "heldout dataset")
+    earg("dataset", default="heldout", help="heldout (the trainer's held-out problems) | gsm8k (the 100 GSM8K test "
+                                            "problems) | a .jsonl file of {question, answer}")
+    earg("sampler", default="seq:4", help="comma-separated samplers: seq:N (best-of-N) or tree:wW:DxL:bB[:rLO-HI] "
+                                          "(dD: segment = max_tokens / D), e.g. seq:8,tree:w8:d4:b2")
+    earg("problems", type=int, default=0, help="the first this many problems (0 = all)")
+    earg("max_tokens", type=int, default=256, help="response budget per sample")
+    earg("temperature", type=float, default=0.6, help="sampling temperature")
+    earg("seed", type=int, default=0, help="sampling seed (trees' too)")
+    earg("data_seed", type=int, default=0, help="without --run: the treepo train --seed that drew the held-out set")
+    earg("reward_fn", default=None, help="module:function reward (default: the trainer's problem reward)")
+    earg("dtype", default="auto", help="weights: auto | float32 | bfloat16 | float16")
+    earg("device", default="auto", help="auto | cpu | cuda | cuda:N")
+    earg("backend", default="auto", help="attention backend: auto | torch | triton | cpu")
+    ep.set_defaults(func=cmd_eval)
     ip = sub.add_parser("info", help="versions and available attention backends")
     ip.set_defaults(func=cmd_info)
     return ap

@@ -100,3 +100,39 @@ def evaluate_search(engine, problems: list[Problem], scorer: ProblemScorer, sear
     if trees is not None:
         compute["tree_tokens"] = sum(t.stats.processed_tokens for t in trees)
     return {"metrics": metrics, "compute": compute}
+
+
+def eval_problems(dataset: str, run: str | None = None, heldout_size: int = 64, data_seed: int = 0,
+                  train_jsonl: str | None = None) -> list[Problem]:
+    """The problems of an evaluation set by name (`treepo eval --dataset`, bench_test_time.py):
+    "gsm8k": the 100 GSM8K test problems; "heldout": a run's held-out set (its config.json's data
+    settings, when `run` is a trainer run directory) or the trainer's default task's (heldout_size,
+    data_seed, train_jsonl as for `treepo train`); a path ending in .jsonl: its problems."""
+    import json
+    import os
+
+    from .config import TrainConfig
+    from .data import gsm8k_test, jsonl_problems, train_and_heldout
+
+    if dataset == "gsm8k":
+        return gsm8k_test()
+    if dataset.endswith(".jsonl"):
+        return jsonl_problems(dataset)
+    if dataset != "heldout":
+        raise ValueError(f"dataset {dataset!r}; valid: heldout, gsm8k, or a path to a .jsonl file")
+    if run:
+        path = os.path.join(run, "config.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"run {run}: cannot read its config.json ({e})") from None
+        saved.update(resume=False, overwrite=False, resume_fallback=False)
+        cfg = TrainConfig(**saved)
+    else:
+        cfg = TrainConfig(heldout_size=heldout_size, seed=data_seed, train_jsonl=train_jsonl)
+    held = train_and_heldout(cfg)[1]
+    if not held:
+        raise ValueError("the held-out set is empty (heldout_size 0): give a heldout_size > 0 or another dataset")
+    return held
+
