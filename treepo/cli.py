@@ -204,6 +204,16 @@ def cmd_info(args):
     print(json.dumps(info, indent=1))
 
 
+def _flag_adder(parser: argparse.ArgumentParser):
+    """add(name, **kw) on parser: the flag with both spellings (--max_tokens, --max-tokens:
+    treepo.flags.spellings), dest name, and its type's metavar unless it is an action flag."""
+    def add(name, **kw):
+        if "action" not in kw:
+            kw["metavar"] = METAVARS[kw.get("type", str)]
+        parser.add_argument(*spellings(name), dest=name, **kw)
+    return add
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `treepo` parser; `train` is listed here, but its flags are treepo.train.config's."""
     ap = argparse.ArgumentParser(prog="treepo", description=__doc__,
@@ -213,12 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sp = sub.add_parser("sample", help="sample completions (or a TreePO tree) for a prompt",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def arg(name, **kw):
-        if "action" not in kw:
-            kw["metavar"] = METAVARS[kw.get("type", str)]
-        sp.add_argument(*spellings(name), dest=name, **kw)
-
+    arg = _flag_adder(sp)
     arg("prompt", default="What is 7 + 5? Put the answer in \\boxed{}.", help="the user message")
     arg("model", default=None, help=f"HF checkpoint directory (None: the bundled {BUNDLED_NAME})")
     sp.add_argument("-n", type=int, default=4, metavar="INT", help="completions (with --tree: leaves)")
@@ -242,12 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sample)
     ep = sub.add_parser("eval", help="accuracy (mean@n, maj@n, pass@k) and compute of best-of-N or TreePO trees",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def earg(name, **kw):
-        if "action" not in kw:
-            kw["metavar"] = METAVARS[kw.get("type", str)]
-        ep.add_argument(*spellings(name), dest=name, **kw)
-
+    earg = _flag_adder(ep)
     earg("model", default=None, help=f"HF checkpoint directory (None: the bundled {BUNDLED_NAME})")
     earg("run", default=None, help="a trainer run directory: its hf/ export is the model, its held-out set the "
                                    "heldout dataset")
