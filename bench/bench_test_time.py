@@ -128,15 +128,12 @@ def load_engine(args):
 
 def measure(engine, probs: list, scorer, search, args, ds: str, seed: int) -> dict:
     """One (dataset, shape, seed) point: the overall metrics and the compute."""
-    from treepo.train.test_time import evaluate_search
+    from treepo.train.test_time import evaluate_search, search_summary
 
     budget = args.max_tokens if ds == "heldout" else args.gsm8k_max_tokens
     res = evaluate_search(engine, probs, scorer, search, temperature=args.temperature, max_tokens=budget, seed=seed,
                           progress=f"{ds} {search.spec} seed {seed}")
-    o = res["metrics"]["overall"]
-    row = {"dataset": ds, "shape": search.spec, "n": search.n, "seed": seed, "problems": o["problems"],
-           **{k: o[k] for k in ("mean@n", "maj@n", "pass@1", "response_len")}, "pass@n": o[f"pass@{search.n}"]}
-    return row | res["compute"]
+    return {"dataset": ds, "shape": search.spec, "seed": seed} | search_summary(res, search) | res["compute"]
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -104,7 +104,7 @@ EVAL_COLS = ("sampler", "n", "problems", "mean@n", "maj@n", "pass@1", "pass@n", 
 def cmd_eval(args):
     """Every --sampler on the same problems: metrics, tokens through the engine, wall seconds."""
     from treepo.train.rewards.problems import ProblemScorer
-    from treepo.train.test_time import eval_problems, evaluate_search, parse_search
+    from treepo.train.test_time import eval_problems, evaluate_search, parse_search, search_summary
 
     if args.model and args.run:
         raise ValueError("give --model or --run (whose hf/ export is the model), not both")
@@ -125,11 +125,9 @@ def cmd_eval(args):
     for search in searches:
         res = evaluate_search(eng, probs, scorer, search, temperature=args.temperature, max_tokens=args.max_tokens,
                               seed=args.seed, progress=search.spec)
-        o, c = res["metrics"]["overall"], res["compute"]
-        rows.append({"sampler": search.spec, "n": search.n, "problems": o["problems"], "mean@n": o["mean@n"],
-                     "maj@n": o["maj@n"], "pass@1": o["pass@1"], "pass@n": o[f"pass@{search.n}"],
-                     "tokens": c["tokens"], "tokens/problem": c["tokens"] / max(o["problems"], 1),
-                     "wall_s": c["wall_s"]})
+        got = {"sampler": search.spec} | search_summary(res, search) | res["compute"]
+        got["tokens/problem"] = got["tokens"] / max(got["problems"], 1)
+        rows.append({k: got[k] for k in EVAL_COLS})
     widths = {k: max(len(k), *(len(_cell(r[k])) for r in rows)) for k in EVAL_COLS}
     print(f"{args.dataset}: {len(probs)} problems, temperature {args.temperature}, <= {args.max_tokens} tokens, "
           f"seed {args.seed}")

@@ -102,6 +102,14 @@ def evaluate_search(engine, problems: list[Problem], scorer: ProblemScorer, sear
     return {"metrics": metrics, "compute": compute}
 
 
+def search_summary(result: dict, search: Search) -> dict:
+    """evaluate_search's overall metrics under names that do not depend on the sampler's n: n,
+    problems, mean@n, maj@n, pass@1, pass@n (its pass@{n}) and response_len."""
+    o = result["metrics"]["overall"]
+    return {"n": search.n, "problems": o["problems"], **{k: o[k] for k in ("mean@n", "maj@n", "pass@1")},
+            "pass@n": o[f"pass@{search.n}"], "response_len": o["response_len"]}
+
+
 def eval_problems(dataset: str, run: str | None = None, heldout_size: int = 64, data_seed: int = 0,
                   train_jsonl: str | None = None) -> list[Problem]:
     """The problems of an evaluation set by name (`treepo eval --dataset`, bench_test_time.py):
